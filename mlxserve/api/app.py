@@ -1,0 +1,33 @@
+"""The Sanic application factory. It receives a ready engine object and never imports MLX."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sanic import Sanic
+
+from mlxserve.api.errors import register_error_handler
+from mlxserve.api.routes import chat, completions, models
+
+
+def create_app(engine: Any, *, max_body_bytes: int, preload: tuple[str, ...] = ()) -> Sanic:
+    """`engine` offers list_models, get_model, generate, start(preload) and stop()."""
+    # mlxserve configures logging itself (cli.py); Sanic would add a second handler.
+    app = Sanic("mlxserve", configure_logging=False)
+    app.config.REQUEST_MAX_SIZE = max_body_bytes
+    app.config.MOTD = False
+    app.config.KEEP_ALIVE_TIMEOUT = 75
+    app.ctx.engine = engine
+    for bp in (models.bp, chat.bp, completions.bp):
+        app.blueprint(bp)
+    register_error_handler(app)
+
+    @app.before_server_start
+    async def _start_engine(app: Sanic) -> None:
+        engine.start(preload)
+
+    @app.after_server_stop
+    async def _stop_engine(app: Sanic) -> None:
+        engine.stop()
+
+    return app

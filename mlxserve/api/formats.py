@@ -1,0 +1,63 @@
+"""OpenAI response and stream-chunk objects for chat and text completions.
+
+The two endpoints differ only in names and in where a choice keeps its text
+(`message`/`delta` versus `text`); `CHAT` and `TEXT` hold those differences
+so one generation flow serves both.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mlxserve.protocol import Usage
+
+
+def usage_object(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    id_prefix: str
+    object: str
+    chunk_object: str
+    chat: bool
+
+    def new_id(self) -> str:
+        return self.id_prefix + secrets.token_hex(12)
+
+    def envelope(self, response_id: str, model: str, created: int, obj: str) -> dict[str, Any]:
+        return {"id": response_id, "object": obj, "created": created, "model": model}
+
+    def choice(self, index: int, text: str, finish_reason: str | None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        if self.chat:
+            message = {"role": "assistant", "content": text, "refusal": None}
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def chunk_choice(self, index: int, text: str | None, finish_reason: str | None, first: bool = False,
+                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+CHAT = ResponseFormat("chatcmpl-", "chat.completion", "chat.completion.chunk", chat=True)
+TEXT = ResponseFormat("cmpl-", "text_completion", "text_completion", chat=False)
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,79 @@
+"""One flow for chat and text completions: submit, then answer as JSON or as an SSE stream."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from sanic import Request
+from sanic.response import HTTPResponse, json
+
+from mlxserve.api import sse
+from mlxserve.api.formats import ResponseFormat, now, usage_object
+from mlxserve.api.schemas import ParsedGeneration
+from mlxserve.protocol import ChoiceFinished, GenerationRequest, TextDelta, Usage
+
+
+class GenerationStream(Protocol):
+    prompt_tokens: int
+
+    def __aiter__(self): ...
+
+    def cancel(self) -> None: ...
+
+
+class Generator(Protocol):
+    async def generate(self, request: GenerationRequest) -> GenerationStream: ...
+
+
+async def respond(request: Request, engine: Generator, parsed: ParsedGeneration,
+                  fmt: ResponseFormat) -> HTTPResponse | None:
+    """Run the generation; a client that disconnects cancels it (Sanic cancels this task)."""
+    stream = await engine.generate(parsed.request)
+    try:
+        if parsed.stream:
+            await _stream(request, stream, parsed, fmt)
+            return None
+        return await _collect(stream, parsed, fmt)
+    finally:
+        stream.cancel()
+
+
+async def _collect(stream: GenerationStream, parsed: ParsedGeneration, fmt: ResponseFormat) -> HTTPResponse:
+    n = parsed.request.n
+    texts: list[list[str]] = [[] for _ in range(n)]
+    reasons: list[str | None] = [None] * n
+    usage: Usage | None = None
+    async for ev in stream:
+        if isinstance(ev, TextDelta):
+            texts[ev.index].append(ev.text)
+        elif isinstance(ev, ChoiceFinished):
+            reasons[ev.index] = ev.reason
+        elif isinstance(ev, Usage):
+            usage = ev
+    body: dict[str, Any] = fmt.envelope(fmt.new_id(), parsed.request.model, now(), fmt.object)
+    body["choices"] = [fmt.choice(i, "".join(texts[i]), reasons[i]) for i in range(n)]
+    body["usage"] = usage_object(usage)
+    return json(body)
+
+
+async def _stream(request: Request, stream: GenerationStream, parsed: ParsedGeneration,
+                  fmt: ResponseFormat) -> None:
+    response = await sse.open_stream(request)
+    base = fmt.envelope(fmt.new_id(), parsed.request.model, now(), fmt.chunk_object)
+    if parsed.include_usage:
+        base["usage"] = None
+
+    async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
+        await response.send(sse.event({**base, "choices": choices, **extra}))
+
+    if fmt.chat:
+        await send([fmt.chunk_choice(i, "", None, first=True) for i in range(parsed.request.n)])
+    async for ev in stream:
+        if isinstance(ev, TextDelta):
+            await send([fmt.chunk_choice(ev.index, ev.text, None)])
+        elif isinstance(ev, ChoiceFinished):
+            await send([fmt.chunk_choice(ev.index, None, ev.reason)])
+        elif isinstance(ev, Usage) and parsed.include_usage:
+            await send([], usage=usage_object(ev))
+    await response.send(sse.DONE)
+    await response.eof()

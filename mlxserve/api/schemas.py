@@ -1,0 +1,294 @@
+"""Request parameters of /v1/chat/completions and /v1/completions, declared once.
+
+`PARAMS` lists each body field in the order of OpenAI's API reference, then
+the extensions other local servers accept (marked with `extension`). Parsing,
+validation and the README's parameter table all come from this list; a test
+checks the README against it. Unknown fields are ignored, as OpenAI clients
+send many.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mlxserve.protocol import ChatMessage, GenerationRequest, InvalidRequestError, SamplingParams
+
+CHAT = "chat"
+COMPLETIONS = "completions"
+BOTH = frozenset({CHAT, COMPLETIONS})
+
+MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16
+
+
+class _Invalid(ValueError):
+    """A value failed its parser; the message completes '<param> ...'."""
+
+
+def _number(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _Invalid("must be a number")
+        if value > hi or value < lo or (lo_open and value == lo):
+            raise _Invalid(f"must be in {'(' if lo_open else '['}{lo}, {hi}]; got {value}")
+        return float(value)
+
+    return parse
+
+
+def _integer(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise _Invalid("must be an integer")
+        if lo is not None and value < lo:
+            raise _Invalid(f"must be at least {lo}; got {value}")
+        if hi is not None and value > hi:
+            raise _Invalid(f"must be at most {hi}; got {value}")
+        return value
+
+    return parse
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("must be true or false")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Invalid("must be a non-empty string")
+    return value
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _Invalid("must be a string or a list of strings")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise _Invalid(f"accepts at most {MAX_STOP_STRINGS} strings; got {len(stops)}")
+    return tuple(s for s in stops if s)
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    if not isinstance(value, dict):
+        raise _Invalid("must be an object mapping token ids to biases")
+    bias = {}
+    for key, amount in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise _Invalid(f"key {key!r} is not a token id") from None
+        if token < 0:
+            raise _Invalid(f"key {key!r} is not a token id")
+        try:
+            bias[token] = _number(-100, 100)(amount)
+        except _Invalid as exc:
+            raise _Invalid(f"value for token {key!r} {exc}") from None
+    return bias
+
+
+def _stream_options(value: Any) -> bool:
+    """Returns include_usage."""
+    if not isinstance(value, dict):
+        raise _Invalid("must be an object")
+    include = value.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise _Invalid("include_usage must be true or false")
+    return include
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    parse: Callable[[Any], Any]
+    doc: str
+    endpoints: frozenset[str] = BOTH
+    extension: str | None = None  # who else accepts it, for fields outside OpenAI's API
+    alias_of: str | None = None
+
+
+PARAMS: tuple[Param, ...] = (
+    Param("model", _string, "Model id from `/v1/models`."),
+    Param("frequency_penalty", _number(-2, 2),
+          "[-2, 2], default 0. Subtracts `frequency_penalty * count[t]` from the logit of every token "
+          "t generated so far in this completion."),
+    Param("logit_bias", _logit_bias,
+          "Token id (string key) to a bias in [-100, 100] added to the raw logit; -100 bans the token, "
+          "+100 practically forces it. A key that is not a token id of the model is a 400."),
+    Param("logprobs", _boolean,
+          "Chat: return the log-probability of each generated token.", endpoints=frozenset({CHAT})),
+    Param("max_completion_tokens", _integer(1),
+          "Most tokens to generate; wins over `max_tokens`. Default: up to the context length.",
+          endpoints=frozenset({CHAT})),
+    Param("max_tokens", _integer(1), "Most tokens to generate (≥ 1). Default: up to the context length."),
+    Param("n", _integer(1, MAX_CHOICES),
+          f"Number of independent choices, 1 to {MAX_CHOICES}; usage counts all of them."),
+    Param("presence_penalty", _number(-2, 2),
+          "[-2, 2], default 0. Subtracts `presence_penalty` from the logit of every token generated "
+          "at least once so far in this completion."),
+    Param("seed", _integer(),
+          "Same seed, prompt and parameters give the same output on the same machine, alone or "
+          "batched with other requests. Without it each request draws fresh randomness."),
+    Param("stop", _stop,
+          f"A string or up to {MAX_STOP_STRINGS} strings; generation ends before the first one, "
+          "which is not returned (`finish_reason: \"stop\"`)."),
+    Param("stream", _boolean, "Send Server-Sent Events, ending with `data: [DONE]`."),
+    Param("stream_options", _stream_options,
+          "`{\"include_usage\": true}` adds a last chunk with `usage` and empty `choices`."),
+    Param("temperature", _number(0, 2),
+          "[0, 2]. 0 is greedy (argmax); otherwise logits are divided by it. Default: the model's "
+          "`generation_config.json` temperature if it has one, else 1.0."),
+    Param("top_logprobs", _integer(0, 20),
+          "Chat, with `logprobs`: also return the 0 to 20 most likely tokens at each step.",
+          endpoints=frozenset({CHAT})),
+    Param("top_p", _number(0, 1, lo_open=True), "(0, 1], default 1 (off). Nucleus sampling."),
+    Param("top_k", _integer(),
+          "Keep only the k most likely tokens; 0, -1 or absent is off; 1 is greedy.",
+          extension="LM Studio, llama.cpp, vLLM"),
+    Param("min_p", _number(0, 1),
+          "[0, 1], default 0 (off). Drop tokens whose probability is below min_p times the top "
+          "token's.", extension="LM Studio, llama.cpp, vLLM"),
+    Param("repeat_penalty", _number(0, 10, lo_open=True),
+          "Default 1.0 (off). llama.cpp's penalty over the last `repeat_last_n` tokens of prompt "
+          "plus output: a positive logit is divided by it, a negative one multiplied.",
+          extension="LM Studio, llama.cpp"),
+    Param("repetition_penalty", _number(0, 10, lo_open=True), "Alias of `repeat_penalty`.",
+          extension="vLLM, mlx-lm", alias_of="repeat_penalty"),
+    Param("repeat_last_n", _integer(-1),
+          "Window of `repeat_penalty`, default 64; 0 turns it off, -1 means the whole context.",
+          extension="llama.cpp"),
+)
+
+PARAMS_BY_NAME = {p.name: p for p in PARAMS}
+
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+def _read(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
+    """Parse every known, non-null field of `body` for `endpoint`; a bad value names its param."""
+    values: dict[str, Any] = {}
+    for param in PARAMS:
+        if endpoint not in param.endpoints or body.get(param.name) is None:
+            continue
+        try:
+            values[param.alias_of or param.name] = param.parse(body[param.name])
+        except _Invalid as exc:
+            raise InvalidRequestError(f"'{param.name}' {exc}", param=param.name) from None
+    if "model" not in values:
+        raise InvalidRequestError("'model' is required", param="model")
+    return values
+
+
+def _content_text(content: Any, where: str, role: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None and role in ("assistant", "tool"):
+        return ""
+    if not isinstance(content, list):
+        raise InvalidRequestError(f"'{where}' must be a string or a list of content parts", param=where)
+    texts = []
+    for j, part in enumerate(content):
+        here = f"{where}[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise InvalidRequestError(f"'{here}' must be an object with a 'type'", param=here)
+        if part["type"] != "text":
+            raise InvalidRequestError(
+                f"'{here}' has type '{part['type']}', which this model does not accept; "
+                "send text parts only", param=here)
+        if not isinstance(part.get("text"), str):
+            raise InvalidRequestError(f"'{here}.text' must be a string", param=f"{here}.text")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _messages(value: Any) -> tuple[ChatMessage, ...]:
+    if not isinstance(value, list) or not value:
+        raise InvalidRequestError("'messages' must be a non-empty list", param="messages")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise InvalidRequestError(f"'{where}' must be an object", param=where)
+        role = message.get("role")
+        if role not in _ROLES:
+            raise InvalidRequestError(
+                f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}; got {role!r}",
+                param=f"{where}.role")
+        content = _content_text(message.get("content"), f"{where}.content", role)
+        name = message.get("name") if isinstance(message.get("name"), str) else None
+        # Chat templates know "system"; OpenAI's newer "developer" role means the same.
+        messages.append(ChatMessage("system" if role == "developer" else role, content, name))
+    return tuple(messages)
+
+
+def _prompt(value: Any) -> str | tuple[int, ...]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return tuple(value)
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        return value[0]
+    raise InvalidRequestError(
+        "'prompt' must be a string, a list of token ids, or a list with one string", param="prompt")
+
+
+@dataclass(frozen=True)
+class ParsedGeneration:
+    """A generation request plus how the client wants the answer delivered."""
+
+    request: GenerationRequest
+    stream: bool
+    include_usage: bool
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+def _generation(values: dict[str, Any], **inputs: Any) -> ParsedGeneration:
+    sampling_fields = SamplingParams.__dataclass_fields__
+    sampling = SamplingParams(**{k: v for k, v in values.items() if k in sampling_fields})
+    request = GenerationRequest(
+        model=values["model"],
+        max_tokens=values.get("max_completion_tokens", values.get("max_tokens")),
+        stop=values.get("stop", ()),
+        sampling=sampling,
+        n=values.get("n", 1),
+        **inputs,
+    )
+    return ParsedGeneration(
+        request=request,
+        stream=values.get("stream", False),
+        include_usage=values.get("stream_options", False),
+        logprobs=values.get("logprobs", False),
+        top_logprobs=values.get("top_logprobs", 0),
+    )
+
+
+def parse_chat(body: dict[str, Any]) -> ParsedGeneration:
+    values = _read(body, CHAT)
+    if "messages" not in body:
+        raise InvalidRequestError("'messages' is required", param="messages")
+    return _generation(values, messages=_messages(body["messages"]))
+
+
+def parse_completion(body: dict[str, Any]) -> ParsedGeneration:
+    values = _read(body, COMPLETIONS)
+    if "prompt" not in body:
+        raise InvalidRequestError("'prompt' is required", param="prompt")
+    return _generation(values, prompt=_prompt(body["prompt"]))
+
+
+def params_markdown() -> str:
+    """The README's parameter table, generated from PARAMS so the two cannot drift apart."""
+    rows = ["| parameter | endpoints | meaning |", "|---|---|---|"]
+    for p in PARAMS:
+        where = "both" if p.endpoints == BOTH else ("chat" if CHAT in p.endpoints else "completions")
+        name = f"`{p.name}`" + (f" (extension: {p.extension})" if p.extension else "")
+        rows.append(f"| {name} | {where} | {p.doc} |")
+    return "\n".join(rows)

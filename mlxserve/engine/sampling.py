@@ -1,0 +1,157 @@
+"""Logit processors and samplers: pure functions over MLX arrays.
+
+The chain, in the order it runs (llama.cpp's order; kept in `PROCESSOR_ORDER`
+and documented in the README):
+
+1. `logit_bias`       add the request's bias to raw logits
+2. `repeat_penalty`   llama.cpp's multiplicative penalty over the last N tokens
+                      of prompt plus output
+3. `presence/frequency_penalty`  OpenAI's additive penalties over the output
+4. `top_k`            keep the k largest logits
+5. `top_p`            keep the smallest set whose probability reaches p
+6. `min_p`            drop tokens below min_p times the top probability
+7. `temperature`      divide by T (T = 0 is greedy, which skips this step)
+
+Then the sampler draws from softmax(logits) with the request's own random key,
+or takes the argmax at temperature 0. The log-softmax of the processed logits
+is therefore exactly the distribution sampled from, which is what logprobs report.
+
+Every function takes and returns logits of shape (1, vocab).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+import mlx.core as mx
+
+from mlxserve.protocol import SamplingParams
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+Sampler = Callable[[mx.array], mx.array]
+
+PROCESSOR_ORDER = (
+    "logit_bias",
+    "repeat_penalty",
+    "presence_penalty/frequency_penalty",
+    "top_k",
+    "top_p",
+    "min_p",
+    "temperature",
+)
+
+_NEG_INF = float("-inf")
+
+
+def apply_logit_bias(logits: mx.array, token_ids: mx.array, bias: mx.array) -> mx.array:
+    logits[:, token_ids] = logits[:, token_ids] + bias.astype(logits.dtype)
+    return logits
+
+
+def apply_repeat_penalty(logits: mx.array, window: mx.array, penalty: float) -> mx.array:
+    """Divide positive logits of recent tokens by `penalty`, multiply negative ones.
+
+    A token that occurs several times in the window is penalised once, as in llama.cpp.
+    """
+    if window.size == 0:
+        return logits
+    selected = logits[:, window]
+    logits[:, window] = mx.where(selected > 0, selected / penalty, selected * penalty)
+    return logits
+
+
+def apply_presence_frequency(
+    logits: mx.array, generated: mx.array, presence: float, frequency: float
+) -> mx.array:
+    """OpenAI's `logit[t] -= presence * (count[t] > 0) + frequency * count[t]`."""
+    if generated.size == 0:
+        return logits
+    counts = mx.zeros((logits.shape[-1],), dtype=logits.dtype).at[generated].add(1)
+    penalty = presence * (counts > 0).astype(logits.dtype) + frequency * counts
+    return logits - penalty[None, :]
+
+
+def apply_top_k(logits: mx.array, k: int) -> mx.array:
+    """Keep the k largest logits; k <= 0 or k >= vocab keeps everything."""
+    vocab = logits.shape[-1]
+    if k <= 0 or k >= vocab:
+        return logits
+    kth_largest = mx.sort(logits, axis=-1)[:, vocab - k : vocab - k + 1]
+    return mx.where(logits >= kth_largest, logits, _NEG_INF)
+
+
+def apply_top_p(logits: mx.array, p: float) -> mx.array:
+    """Keep the most likely tokens until their probability reaches p (always at least one)."""
+    if p >= 1.0:
+        return logits
+    probs = mx.softmax(logits, axis=-1)
+    order = mx.argsort(-logits, axis=-1)
+    sorted_probs = mx.take_along_axis(probs, order, axis=-1)
+    mass_before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep_sorted = mass_before < p
+    keep = mx.zeros_like(keep_sorted)
+    keep = mx.put_along_axis(keep, order, keep_sorted, axis=-1)
+    return mx.where(keep, logits, _NEG_INF)
+
+
+def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
+    """Drop tokens whose probability is below min_p times the top token's."""
+    if min_p <= 0.0:
+        return logits
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    threshold = mx.max(logprobs, axis=-1, keepdims=True) + mx.log(mx.array(min_p, logits.dtype))
+    return mx.where(logprobs >= threshold, logits, _NEG_INF)
+
+
+def apply_temperature(logits: mx.array, temperature: float) -> mx.array:
+    if temperature in (0.0, 1.0):
+        return logits
+    return logits / temperature
+
+
+def make_logits_processor(
+    params: SamplingParams, prompt_length: int, temperature: float
+) -> LogitsProcessor:
+    """The whole chain for one request, as one (context, logits) -> logits function.
+
+    `context` holds the prompt followed by the tokens generated so far, as
+    mlx-lm's batch generator passes it; `prompt_length` separates the two.
+    """
+    bias_ids = mx.array(list(params.logit_bias.keys()), dtype=mx.int32)
+    bias_values = mx.array(list(params.logit_bias.values()), dtype=mx.float32)
+
+    def process(context: mx.array, logits: mx.array) -> mx.array:
+        if params.logit_bias:
+            logits = apply_logit_bias(logits, bias_ids, bias_values)
+        if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
+            n = context.size if params.repeat_last_n < 0 else params.repeat_last_n
+            logits = apply_repeat_penalty(logits, context[-n:], params.repeat_penalty)
+        if params.presence_penalty or params.frequency_penalty:
+            logits = apply_presence_frequency(
+                logits, context[prompt_length:], params.presence_penalty, params.frequency_penalty
+            )
+        logits = apply_top_k(logits, params.top_k)
+        logits = apply_top_p(logits, params.top_p)
+        logits = apply_min_p(logits, params.min_p)
+        return apply_temperature(logits, temperature)
+
+    return process
+
+
+def make_sampler(temperature: float, seed: int | None) -> Sampler:
+    """Argmax at temperature 0; otherwise a categorical draw with a per-request key.
+
+    The key is split once per step, so the same seed gives the same tokens no
+    matter what else runs in the batch; no seed draws a fresh one from the OS.
+    """
+    if temperature == 0.0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    key = mx.random.key(secrets.randbits(63) if seed is None else seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, step_key = mx.random.split(key)
+        return mx.random.categorical(logprobs, key=step_key)
+
+    return sample

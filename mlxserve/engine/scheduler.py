@@ -1,0 +1,267 @@
+"""The engine thread: the one place where MLX runs.
+
+Requests arrive as commands on a thread-safe queue; each loaded model has a
+runner around mlx-lm's `BatchGenerator`, which does continuous batching (new
+sequences join between decode steps, long prompts are prefilled in chunks).
+The runner turns tokens into text events (detokenizing, stop strings, usage)
+and hands them to the request's sink, which forwards them to the asyncio loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+
+from mlxserve.engine.detokenize import IncrementalDetokenizer
+from mlxserve.engine.kinds.text import TextModel
+from mlxserve.engine.sampling import make_logits_processor, make_sampler
+from mlxserve.engine.stops import StopMatcher
+from mlxserve.protocol import (
+    Accepted,
+    ChoiceFinished,
+    ContextLengthExceededError,
+    FinishReason,
+    GenerationRequest,
+    MlxserveError,
+    TextDelta,
+    Usage,
+)
+
+log = logging.getLogger("mlxserve.engine")
+
+Sink = Callable[[object], None]
+ModelLoader = Callable[[str], TextModel]
+
+PREFILL_STEP = 512
+
+
+@dataclass
+class _Request:
+    id: int
+    request: GenerationRequest
+    sink: Sink
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    open_choices: int = 0
+
+
+@dataclass
+class _Choice:
+    index: int
+    owner: _Request
+    detokenizer: IncrementalDetokenizer
+    stops: StopMatcher
+    uid: int = -1
+
+
+@dataclass
+class _Submit:
+    id: int
+    request: GenerationRequest
+    sink: Sink
+
+
+@dataclass
+class _Cancel:
+    id: int
+
+
+@dataclass
+class _Call:
+    """Run `fn` on the engine thread (used to load models ahead of requests)."""
+
+    fn: Callable[[], None]
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class _ModelRunner:
+    """One loaded model's batch of running sequences."""
+
+    def __init__(self, model: TextModel):
+        self.model = model
+        self.generator = self._new_generator()
+        self.choices: dict[int, _Choice] = {}
+
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(
+            self.model.model,
+            stop_tokens=[[t] for t in sorted(self.model.stop_token_ids)],
+            prefill_step_size=PREFILL_STEP,
+            stream=mx.new_stream(mx.default_device()),
+        )
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.choices)
+
+    def add(self, active: _Request) -> None:
+        """Tokenize, check the context, and queue every choice; raise before any prefill on bad input."""
+        req = active.request
+        model = self.model
+        tokens = model.encode_chat(req.messages) if req.messages is not None else model.encode_prompt(req.prompt)
+        room = model.context_length - len(tokens)
+        if room <= 0:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {model.context_length} tokens, "
+                f"but the prompt has {len(tokens)} tokens. Shorten the prompt.",
+                param="messages" if req.messages is not None else "prompt",
+            )
+        if not tokens:
+            tokens = [next(iter(sorted(model.stop_token_ids)), 0)]
+        max_tokens = min(req.max_tokens or room, room)
+        temperature = model.default_temperature if req.sampling.temperature is None else req.sampling.temperature
+        active.prompt_tokens = len(tokens)
+        active.open_choices = req.n
+        active.sink(Accepted(prompt_tokens=len(tokens)))
+        choices = [
+            _Choice(i, active, IncrementalDetokenizer(model.tokenizer), StopMatcher(req.stop))
+            for i in range(req.n)
+        ]
+        # Seeded choices of one request differ from each other but repeat across runs.
+        seeds = [None if req.sampling.seed is None else req.sampling.seed + i for i in range(req.n)]
+        uids = self.generator.insert(
+            [tokens] * req.n,
+            max_tokens=[max_tokens] * req.n,
+            samplers=[make_sampler(temperature, s) for s in seeds],
+            logits_processors=[[make_logits_processor(req.sampling, len(tokens), temperature)] for _ in seeds],
+        )
+        for uid, choice in zip(uids, choices):
+            choice.uid = uid
+            self.choices[uid] = choice
+
+    def step(self) -> None:
+        _, responses = self.generator.next()
+        for r in responses:
+            choice = self.choices.get(r.uid)
+            if choice is None:
+                continue
+            if r.finish_reason == "stop" and r.token in self.model.stop_token_ids:
+                self._finish(choice, "stop")
+                continue
+            choice.owner.completion_tokens += 1
+            text, hit = choice.stops.feed(choice.detokenizer.add(r.token))
+            if text:
+                choice.owner.sink(TextDelta(choice.index, text))
+            if hit:
+                self.generator.remove([choice.uid])
+                self._finish(choice, "stop", stopped=True)
+            elif r.finish_reason is not None:
+                self._finish(choice, r.finish_reason)
+
+    def _finish(self, choice: _Choice, reason: FinishReason, stopped: bool = False) -> None:
+        del self.choices[choice.uid]
+        if not stopped:
+            text, hit = choice.stops.feed(choice.detokenizer.flush())
+            text += "" if hit else choice.stops.flush()
+            reason = "stop" if hit else reason
+            if text:
+                choice.owner.sink(TextDelta(choice.index, text))
+        owner = choice.owner
+        owner.sink(ChoiceFinished(choice.index, reason))
+        owner.open_choices -= 1
+        if owner.open_choices == 0:
+            owner.sink(Usage(owner.prompt_tokens, owner.completion_tokens))
+
+    def cancel(self, request_id: int) -> None:
+        uids = [uid for uid, c in self.choices.items() if c.owner.id == request_id]
+        if uids:
+            self.generator.remove(uids)
+            for uid in uids:
+                del self.choices[uid]
+
+    def fail_all(self, error: BaseException) -> None:
+        """After an unexpected MLX failure: tell every request, start from a clean batch."""
+        owners = {c.owner.id: c.owner for c in self.choices.values()}
+        self.choices.clear()
+        self.generator = self._new_generator()
+        for owner in owners.values():
+            owner.sink(error)
+
+
+class Scheduler:
+    def __init__(self, loader: ModelLoader):
+        self._loader = loader
+        self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._runners: dict[str, _ModelRunner] = {}
+        self._thread = threading.Thread(target=self._run, name="mlxserve-engine", daemon=True)
+
+    # --- called from any thread ---------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._commands.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, request_id: int, request: GenerationRequest, sink: Sink) -> None:
+        self._commands.put(_Submit(request_id, request, sink))
+
+    def cancel(self, request_id: int) -> None:
+        self._commands.put(_Cancel(request_id))
+
+    def preload(self, model_id: str) -> None:
+        """Load `model_id` on the engine thread and wait; raises what loading raised."""
+        call = _Call(lambda: self._runner(model_id) and None)
+        self._commands.put(call)
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+
+    # --- engine thread --------------------------------------------------------
+
+    def _runner(self, model_id: str) -> _ModelRunner:
+        if model_id not in self._runners:
+            self._runners[model_id] = _ModelRunner(self._loader(model_id))
+        return self._runners[model_id]
+
+    def _handle(self, command: object) -> None:
+        if isinstance(command, _Submit):
+            active = _Request(command.id, command.request, command.sink)
+            try:
+                self._runner(command.request.model).add(active)
+            except MlxserveError as exc:
+                command.sink(exc)
+        elif isinstance(command, _Cancel):
+            for runner in self._runners.values():
+                runner.cancel(command.id)
+        elif isinstance(command, _Call):
+            try:
+                command.fn()
+            except BaseException as exc:  # handed back to the waiting caller
+                command.error = exc
+            command.done.set()
+
+    def _pending_commands(self, block: bool) -> list[object]:
+        """Everything queued now; when idle, wait for at least one command."""
+        commands = [self._commands.get()] if block else []
+        while not self._commands.empty():
+            commands.append(self._commands.get_nowait())
+        return commands
+
+    def _run(self) -> None:
+        while True:
+            busy = any(r.busy for r in self._runners.values())
+            for command in self._pending_commands(block=not busy):
+                if command is None:
+                    return
+                try:
+                    self._handle(command)
+                except Exception as exc:
+                    log.exception("engine command failed")
+                    if isinstance(command, _Submit):
+                        command.sink(exc)
+            for runner in list(self._runners.values()):
+                if runner.busy:
+                    try:
+                        runner.step()
+                    except Exception as exc:
+                        log.exception("generation step failed for %s", runner.model.name)
+                        runner.fail_all(exc)

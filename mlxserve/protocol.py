@@ -1,0 +1,137 @@
+"""The typed seam between the HTTP layer and the engine.
+
+Both sides import this module; it imports neither MLX nor Sanic. Requests go
+in as dataclasses, results come back as events, and failures are raised as
+the exceptions below, which the HTTP layer maps to OpenAI error objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+# --- requests -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings. `None` means "the model's default"."""
+
+    temperature: float | None = None
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation; `content` is plain text after parsing."""
+
+    role: str
+    content: str
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A chat (messages) or raw completion (prompt) request for a text model."""
+
+    model: str
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | tuple[int, ...] | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    n: int = 1
+
+
+# --- events -------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The engine validated the request and queued it; prefill has not started."""
+
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text for choice `index`; never ends inside a UTF-8 character or a possible stop string."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ChoiceFinished:
+    index: int
+    reason: FinishReason
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Sent once, last: token counts over every choice of the request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+Event = Union[TextDelta, ChoiceFinished, Usage]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model on disk, as listed by the store."""
+
+    id: str
+    created: int
+    owned_by: str = "mlxserve"
+
+
+# --- errors -------------------------------------------------------------------
+
+
+class MlxserveError(Exception):
+    """Base of every error a client can cause; the HTTP layer maps each to a 4xx."""
+
+    param: str | None = None
+    code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if param is not None:
+            self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequestError(MlxserveError):
+    """The request is well-formed JSON but asks for something invalid."""
+
+
+class ModelNotFoundError(MlxserveError):
+    param = "model"
+    code = "model_not_found"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    param = "messages"
+    code = "context_length_exceeded"
+
+
+class ConversionError(MlxserveError):
+    """A model file cannot be converted into mlxserve's model format."""

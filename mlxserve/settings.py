@@ -1,0 +1,29 @@
+"""Server settings: one dataclass that command-line flags and environment variables fill in."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
+
+
+def default_home() -> Path:
+    """`$MLXSERVE_HOME`, else `~/.mlxserve`."""
+    return Path(os.environ.get("MLXSERVE_HOME") or Path.home() / ".mlxserve").expanduser()
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 1234
+    home: Path = field(default_factory=default_home)
+    # Models loaded when the server starts; requests may name any model on disk.
+    models: tuple[str, ...] = (DEFAULT_CHAT_MODEL,)
+    max_body_bytes: int = 64 * 1024 * 1024
+    log_level: str = "info"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install mlxserve into it; `--test` adds the test dependencies.
+# Used by serve.sh and test.sh so that both README commands work on a fresh Linux or macOS machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+  echo "mlxserve needs Python 3.10 or newer; set PYTHON=/path/to/python3.x" >&2
+  exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "Creating .venv with $("$PYTHON" --version)…" >&2
+  "$PYTHON" -m venv .venv
+fi
+
+extras=""
+if [ "${1:-}" = "--test" ]; then
+  extras="[test]"
+fi
+echo "Installing mlxserve${extras} into .venv…" >&2
+.venv/bin/python -m pip install --disable-pip-version-check -q --upgrade pip
+.venv/bin/python -m pip install --disable-pip-version-check -q -e ".${extras}"
