@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from mlxserve import __version__
+from mlxserve import blas
 from mlxserve.settings import DEFAULT_CHAT_MODEL, Settings, default_home
 
 
@@ -83,6 +84,8 @@ def _serve(settings: Settings) -> None:
     _ensure_models(settings)
     engine = Engine(ModelStore(settings.models_dir))
     app = create_app(engine, max_body_bytes=settings.max_body_bytes, preload=settings.models)
+    if blas.loaded:
+        logging.getLogger("mlxserve").info("using %s for CPU matrix products", blas.loaded)
     print(f"mlxserve {__version__}: serving {', '.join(settings.models)} on "
           f"http://{settings.host}:{settings.port}/v1", file=sys.stderr, flush=True)
     app.run(host=settings.host, port=settings.port, single_process=True, access_log=False,
@@ -90,6 +93,7 @@ def _serve(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    blas.preload_openblas()  # before anything imports mlx.core
     args = build_parser().parse_args(argv)
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(),

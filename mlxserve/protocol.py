@@ -49,6 +49,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
+    # None: no logprobs; k >= 0: the chosen token's logprob plus the k most likely alternatives.
+    logprobs: int | None = None
 
 
 # --- events -------------------------------------------------------------------
@@ -61,14 +63,36 @@ class Accepted:
     """The engine validated the request and queued it; prefill has not started."""
 
     prompt_tokens: int
+    system_fingerprint: str
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token and its log-probability under the distribution it was sampled from."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
 class TextDelta:
-    """New text for choice `index`; never ends inside a UTF-8 character or a possible stop string."""
+    """New text for choice `index`; never ends inside a UTF-8 character or a possible stop string.
+
+    `logprobs` covers the tokens whose text this delta completes (empty unless asked for).
+    """
 
     index: int
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,18 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 
+# Linux: MLX's CPU backend is 2-3x faster with OpenBLAS under it (mlxserve/blas.py).
+if [ "$(uname -s)" = "Linux" ] && ! ldconfig -p 2>/dev/null | grep -q libopenblas; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    echo "Installing OpenBLAS (libopenblas0-pthread) for faster CPU inference…" >&2
+    (apt-get install -y -qq libopenblas0-pthread >/dev/null 2>&1 ||
+      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libopenblas0-pthread >/dev/null 2>&1; }) ||
+      echo "Could not install OpenBLAS; continuing without it (slower on CPU)." >&2
+  else
+    echo "Tip: install OpenBLAS (Debian/Ubuntu: sudo apt-get install libopenblas0-pthread) for faster CPU inference." >&2
+  fi
+fi
+
 extras=""
 if [ "${1:-}" = "--test" ]; then
   extras="[test]"

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mlxserve.protocol import Usage
+from mlxserve.protocol import TokenLogprob, Usage
 
 
 def usage_object(usage: Usage) -> dict[str, int]:
@@ -33,8 +33,25 @@ class ResponseFormat:
     def new_id(self) -> str:
         return self.id_prefix + secrets.token_hex(12)
 
-    def envelope(self, response_id: str, model: str, created: int, obj: str) -> dict[str, Any]:
-        return {"id": response_id, "object": obj, "created": created, "model": model}
+    def envelope(self, response_id: str, model: str, created: int, obj: str,
+                 fingerprint: str) -> dict[str, Any]:
+        return {"id": response_id, "object": obj, "created": created, "model": model,
+                "system_fingerprint": fingerprint}
+
+    def logprobs(self, entries: list[TokenLogprob], text_offset: int = 0) -> dict[str, Any]:
+        """Chat's `{"content": [...]}` or the completions API's parallel lists."""
+        if self.chat:
+            return {"content": [_chat_entry(e) for e in entries], "refusal": None}
+        offsets = []
+        for e in entries:
+            offsets.append(text_offset)
+            text_offset += len(e.token)
+        return {
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+            "text_offset": offsets,
+        }
 
     def choice(self, index: int, text: str, finish_reason: str | None,
                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -53,6 +70,13 @@ class ResponseFormat:
                 delta["content"] = text
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def _chat_entry(e: TokenLogprob) -> dict[str, Any]:
+    return {
+        "token": e.token, "logprob": e.logprob, "bytes": list(e.bytes),
+        "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in e.top],
+    }
 
 
 CHAT = ResponseFormat("chatcmpl-", "chat.completion", "chat.completion.chunk", chat=True)

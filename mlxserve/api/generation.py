@@ -10,11 +10,12 @@ from sanic.response import HTTPResponse, json
 from mlxserve.api import sse
 from mlxserve.api.formats import ResponseFormat, now, usage_object
 from mlxserve.api.schemas import ParsedGeneration
-from mlxserve.protocol import ChoiceFinished, GenerationRequest, TextDelta, Usage
+from mlxserve.protocol import ChoiceFinished, GenerationRequest, TextDelta, TokenLogprob, Usage
 
 
 class GenerationStream(Protocol):
     prompt_tokens: int
+    system_fingerprint: str
 
     def __aiter__(self): ...
 
@@ -38,20 +39,30 @@ async def respond(request: Request, engine: Generator, parsed: ParsedGeneration,
         stream.cancel()
 
 
+def _envelope(stream: GenerationStream, parsed: ParsedGeneration, fmt: ResponseFormat, obj: str) -> dict[str, Any]:
+    return fmt.envelope(fmt.new_id(), parsed.request.model, now(), obj, stream.system_fingerprint)
+
+
 async def _collect(stream: GenerationStream, parsed: ParsedGeneration, fmt: ResponseFormat) -> HTTPResponse:
     n = parsed.request.n
     texts: list[list[str]] = [[] for _ in range(n)]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
     usage: Usage | None = None
     async for ev in stream:
         if isinstance(ev, TextDelta):
             texts[ev.index].append(ev.text)
+            logprobs[ev.index].extend(ev.logprobs)
         elif isinstance(ev, ChoiceFinished):
             reasons[ev.index] = ev.reason
         elif isinstance(ev, Usage):
             usage = ev
-    body: dict[str, Any] = fmt.envelope(fmt.new_id(), parsed.request.model, now(), fmt.object)
-    body["choices"] = [fmt.choice(i, "".join(texts[i]), reasons[i]) for i in range(n)]
+    wants_logprobs = parsed.request.logprobs is not None
+    body = _envelope(stream, parsed, fmt, fmt.object)
+    body["choices"] = [
+        fmt.choice(i, "".join(texts[i]), reasons[i], fmt.logprobs(logprobs[i]) if wants_logprobs else None)
+        for i in range(n)
+    ]
     body["usage"] = usage_object(usage)
     return json(body)
 
@@ -59,9 +70,11 @@ async def _collect(stream: GenerationStream, parsed: ParsedGeneration, fmt: Resp
 async def _stream(request: Request, stream: GenerationStream, parsed: ParsedGeneration,
                   fmt: ResponseFormat) -> None:
     response = await sse.open_stream(request)
-    base = fmt.envelope(fmt.new_id(), parsed.request.model, now(), fmt.chunk_object)
+    base = _envelope(stream, parsed, fmt, fmt.chunk_object)
     if parsed.include_usage:
         base["usage"] = None
+    wants_logprobs = parsed.request.logprobs is not None
+    offsets = [0] * parsed.request.n
 
     async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
         await response.send(sse.event({**base, "choices": choices, **extra}))
@@ -70,7 +83,9 @@ async def _stream(request: Request, stream: GenerationStream, parsed: ParsedGene
         await send([fmt.chunk_choice(i, "", None, first=True) for i in range(parsed.request.n)])
     async for ev in stream:
         if isinstance(ev, TextDelta):
-            await send([fmt.chunk_choice(ev.index, ev.text, None)])
+            logprobs = fmt.logprobs(list(ev.logprobs), offsets[ev.index]) if wants_logprobs else None
+            offsets[ev.index] += len(ev.text)
+            await send([fmt.chunk_choice(ev.index, ev.text, None, logprobs=logprobs)])
         elif isinstance(ev, ChoiceFinished):
             await send([fmt.chunk_choice(ev.index, None, ev.reason)])
         elif isinstance(ev, Usage) and parsed.include_usage:

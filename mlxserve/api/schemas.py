@@ -123,7 +123,11 @@ PARAMS: tuple[Param, ...] = (
           "Token id (string key) to a bias in [-100, 100] added to the raw logit; -100 bans the token, "
           "+100 practically forces it. A key that is not a token id of the model is a 400."),
     Param("logprobs", _boolean,
-          "Chat: return the log-probability of each generated token.", endpoints=frozenset({CHAT})),
+          "Return each generated token's log-probability under the distribution it was sampled "
+          "from (after penalties, truncation and temperature).", endpoints=frozenset({CHAT})),
+    Param("logprobs", _integer(0, 5),
+          "0 to 5: each generated token's log-probability plus that many most likely alternatives.",
+          endpoints=frozenset({COMPLETIONS})),
     Param("max_completion_tokens", _integer(1),
           "Most tokens to generate; wins over `max_tokens`. Default: up to the context length.",
           endpoints=frozenset({CHAT})),
@@ -146,7 +150,7 @@ PARAMS: tuple[Param, ...] = (
           "[0, 2]. 0 is greedy (argmax); otherwise logits are divided by it. Default: the model's "
           "`generation_config.json` temperature if it has one, else 1.0."),
     Param("top_logprobs", _integer(0, 20),
-          "Chat, with `logprobs`: also return the 0 to 20 most likely tokens at each step.",
+          "With `logprobs: true`: also return the 0 to 20 most likely tokens at each step.",
           endpoints=frozenset({CHAT})),
     Param("top_p", _number(0, 1, lo_open=True), "(0, 1], default 1 (off). Nucleus sampling."),
     Param("top_k", _integer(),
@@ -165,8 +169,6 @@ PARAMS: tuple[Param, ...] = (
           "Window of `repeat_penalty`, default 64; 0 turns it off, -1 means the whole context.",
           extension="llama.cpp"),
 )
-
-PARAMS_BY_NAME = {p.name: p for p in PARAMS}
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -246,11 +248,9 @@ class ParsedGeneration:
     request: GenerationRequest
     stream: bool
     include_usage: bool
-    logprobs: bool = False
-    top_logprobs: int = 0
 
 
-def _generation(values: dict[str, Any], **inputs: Any) -> ParsedGeneration:
+def _generation(values: dict[str, Any], logprobs: int | None, **inputs: Any) -> ParsedGeneration:
     sampling_fields = SamplingParams.__dataclass_fields__
     sampling = SamplingParams(**{k: v for k, v in values.items() if k in sampling_fields})
     request = GenerationRequest(
@@ -259,14 +259,13 @@ def _generation(values: dict[str, Any], **inputs: Any) -> ParsedGeneration:
         stop=values.get("stop", ()),
         sampling=sampling,
         n=values.get("n", 1),
+        logprobs=logprobs,
         **inputs,
     )
     return ParsedGeneration(
         request=request,
         stream=values.get("stream", False),
         include_usage=values.get("stream_options", False),
-        logprobs=values.get("logprobs", False),
-        top_logprobs=values.get("top_logprobs", 0),
     )
 
 
@@ -274,14 +273,17 @@ def parse_chat(body: dict[str, Any]) -> ParsedGeneration:
     values = _read(body, CHAT)
     if "messages" not in body:
         raise InvalidRequestError("'messages' is required", param="messages")
-    return _generation(values, messages=_messages(body["messages"]))
+    if values.get("top_logprobs") and not values.get("logprobs"):
+        raise InvalidRequestError("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
+    logprobs = values.get("top_logprobs", 0) if values.get("logprobs") else None
+    return _generation(values, logprobs, messages=_messages(body["messages"]))
 
 
 def parse_completion(body: dict[str, Any]) -> ParsedGeneration:
     values = _read(body, COMPLETIONS)
     if "prompt" not in body:
         raise InvalidRequestError("'prompt' is required", param="prompt")
-    return _generation(values, prompt=_prompt(body["prompt"]))
+    return _generation(values, values.get("logprobs"), prompt=_prompt(body["prompt"]))
 
 
 def params_markdown() -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from mlxserve.engine.kinds.text import load_text_model
 from mlxserve.engine.scheduler import Scheduler
@@ -20,9 +20,10 @@ from mlxserve.protocol import Accepted, Event, GenerationRequest, ModelInfo, Usa
 class GenerationStream:
     """The events of one request; `cancel()` stops its generation (safe to call twice)."""
 
-    def __init__(self, events: asyncio.Queue, prompt_tokens: int, cancel: callable):
+    def __init__(self, events: asyncio.Queue, accepted: Accepted, cancel: Callable[[], None]):
         self._events = events
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = accepted.prompt_tokens
+        self.system_fingerprint = accepted.system_fingerprint
         self._cancel = cancel
         self._done = False
 
@@ -72,7 +73,10 @@ class Engine:
         request_id = next(self._ids)
 
         def sink(event: object) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop closed (server shutting down); nobody is listening
+                pass
 
         self._scheduler.submit(request_id, request, sink)
         try:
@@ -83,4 +87,4 @@ class Engine:
         if isinstance(first, BaseException):
             raise first
         assert isinstance(first, Accepted)
-        return GenerationStream(events, first.prompt_tokens, lambda: self._scheduler.cancel(request_id))
+        return GenerationStream(events, first, lambda: self._scheduler.cancel(request_id))

@@ -20,6 +20,7 @@ from mlx_lm.generate import BatchGenerator
 
 from mlxserve.engine.detokenize import IncrementalDetokenizer
 from mlxserve.engine.kinds.text import TextModel
+from mlxserve.engine.logprobs import LogprobReporter
 from mlxserve.engine.sampling import make_logits_processor, make_sampler
 from mlxserve.engine.stops import StopMatcher
 from mlxserve.protocol import (
@@ -28,8 +29,10 @@ from mlxserve.protocol import (
     ContextLengthExceededError,
     FinishReason,
     GenerationRequest,
+    InvalidRequestError,
     MlxserveError,
     TextDelta,
+    TokenLogprob,
     Usage,
 )
 
@@ -57,6 +60,8 @@ class _Choice:
     owner: _Request
     detokenizer: IncrementalDetokenizer
     stops: StopMatcher
+    reporter: LogprobReporter | None = None
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     uid: int = -1
 
 
@@ -115,13 +120,19 @@ class _ModelRunner:
             )
         if not tokens:
             tokens = [next(iter(sorted(model.stop_token_ids)), 0)]
+        unknown = [t for t in req.sampling.logit_bias if t >= model.vocab_size]
+        if unknown:
+            raise InvalidRequestError(
+                f"'logit_bias' key '{unknown[0]}' is not a token id of this model "
+                f"(its vocabulary has {model.vocab_size} tokens)", param="logit_bias")
         max_tokens = min(req.max_tokens or room, room)
         temperature = model.default_temperature if req.sampling.temperature is None else req.sampling.temperature
         active.prompt_tokens = len(tokens)
         active.open_choices = req.n
-        active.sink(Accepted(prompt_tokens=len(tokens)))
+        active.sink(Accepted(prompt_tokens=len(tokens), system_fingerprint=model.system_fingerprint))
+        reporter = None if req.logprobs is None else LogprobReporter(model.tokenizer, req.logprobs)
         choices = [
-            _Choice(i, active, IncrementalDetokenizer(model.tokenizer), StopMatcher(req.stop))
+            _Choice(i, active, IncrementalDetokenizer(model.tokenizer), StopMatcher(req.stop), reporter)
             for i in range(req.n)
         ]
         # Seeded choices of one request differ from each other but repeat across runs.
@@ -146,23 +157,47 @@ class _ModelRunner:
                 self._finish(choice, "stop")
                 continue
             choice.owner.completion_tokens += 1
+            if choice.reporter is not None:
+                choice.pending_logprobs.append(choice.reporter.report(r.logprobs, r.token))
             text, hit = choice.stops.feed(choice.detokenizer.add(r.token))
-            if text:
-                choice.owner.sink(TextDelta(choice.index, text))
             if hit:
                 self.generator.remove([choice.uid])
-                self._finish(choice, "stop", stopped=True)
-            elif r.finish_reason is not None:
-                self._finish(choice, r.finish_reason)
+                self._send(choice, text, cut=True)
+                self._end(choice, "stop")
+            else:
+                self._send(choice, text)
+                if r.finish_reason is not None:
+                    self._finish(choice, r.finish_reason)
 
-    def _finish(self, choice: _Choice, reason: FinishReason, stopped: bool = False) -> None:
+    def _send(self, choice: _Choice, text: str, cut: bool = False, final: bool = False) -> None:
+        """Send `text` with the logprobs of the tokens it completes.
+
+        After a stop string (`cut`), only tokens that fit inside the text sent are reported;
+        the stop string's own tokens are not part of the answer.
+        """
+        logprobs = choice.pending_logprobs
+        if cut:
+            kept, length = [], 0
+            for entry in logprobs:
+                length += len(entry.token)
+                if length > len(text):
+                    break
+                kept.append(entry)
+            logprobs = kept
+        if text or (final and logprobs):
+            choice.owner.sink(TextDelta(choice.index, text, tuple(logprobs)))
+            choice.pending_logprobs = []
+
+    def _finish(self, choice: _Choice, reason: FinishReason) -> None:
+        """Generation ended (length or end-of-sequence): release held-back text, then end the choice."""
+        text, hit = choice.stops.feed(choice.detokenizer.flush())
+        if not hit:
+            text += choice.stops.flush()
+        self._send(choice, text, cut=hit, final=True)
+        self._end(choice, "stop" if hit else reason)
+
+    def _end(self, choice: _Choice, reason: FinishReason) -> None:
         del self.choices[choice.uid]
-        if not stopped:
-            text, hit = choice.stops.feed(choice.detokenizer.flush())
-            text += "" if hit else choice.stops.flush()
-            reason = "stop" if hit else reason
-            if text:
-                choice.owner.sink(TextDelta(choice.index, text))
         owner = choice.owner
         owner.sink(ChoiceFinished(choice.index, reason))
         owner.open_choices -= 1

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 from jinja2 import TemplateError
 from mlx_lm import load as mlx_lm_load
+from mlx_lm import __version__ as mlx_lm_version
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from mlxserve import __version__
+from mlxserve.engine.cpu import optimize_for_cpu
 from mlxserve.protocol import ChatMessage, InvalidRequestError
 
 
@@ -23,6 +28,8 @@ class TextModel:
     context_length: int
     stop_token_ids: frozenset[int]
     default_temperature: float
+    vocab_size: int
+    system_fingerprint: str
 
     def render_chat(self, messages: tuple[ChatMessage, ...]) -> str:
         """The exact prompt text the model sees: its chat template applied, generation prompt added."""
@@ -66,6 +73,7 @@ def _generation_config(path: Path) -> dict[str, Any]:
 def load_text_model(name: str, path: Path) -> TextModel:
     """Load weights and tokenizer; runs on the engine thread (it evaluates MLX arrays)."""
     model, tokenizer, config = mlx_lm_load(str(path), return_config=True)
+    optimize_for_cpu(model)
     generation = _generation_config(path)
     stop_ids = set(tokenizer.eos_token_ids)
     eos = generation.get("eos_token_id")
@@ -78,4 +86,12 @@ def load_text_model(name: str, path: Path) -> TextModel:
         context_length=int(context),
         stop_token_ids=frozenset(stop_ids),
         default_temperature=float(generation.get("temperature", 1.0)),
+        vocab_size=int(config.get("vocab_size") or len(tokenizer)),
+        system_fingerprint=_fingerprint(name),
     )
+
+
+def _fingerprint(name: str) -> str:
+    """Changes when anything that can change outputs for a seed changes: versions, device, model."""
+    identity = f"mlxserve {__version__} mlx {mx.__version__} mlx-lm {mlx_lm_version} {mx.default_device()} {name}"
+    return "fp_" + hashlib.sha256(identity.encode()).hexdigest()[:12]
