@@ -210,6 +210,7 @@ class _ModelRunner:
             self.generator.remove(uids)
             for uid in uids:
                 del self.choices[uid]
+            log.debug("cancelled request %d (%d running choices)", request_id, len(uids))
 
     def fail_all(self, error: BaseException) -> None:
         """After an unexpected MLX failure: tell every request, start from a clean batch."""
