@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mlxserve import __version__
 from mlxserve import blas
-from mlxserve.settings import DEFAULT_CHAT_MODEL, Settings, default_home
+from mlxserve.settings import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL, Settings, default_home
 
 
 def _add_home(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_home(serve)
     serve.add_argument(
         "--model", dest="models", action="append", metavar="NAME",
-        help=f"model to load at start; repeat for several (default: {DEFAULT_CHAT_MODEL}). "
+        help=f"model to load at start; repeat for several (default: {DEFAULT_CHAT_MODEL} and "
+             f"{DEFAULT_EMBEDDING_MODEL}). "
              "Requests may name any model in the model directory.")
     serve.add_argument("--max-body-mb", type=float, default=64,
                        help="largest request body accepted, in MiB; larger ones get a 413 (default: %(default)s)")

@@ -8,7 +8,7 @@ the exceptions below, which the HTTP layer maps to OpenAI error objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 # --- requests -----------------------------------------------------------------
 
@@ -122,7 +122,24 @@ class ModelInfo:
 
     id: str
     created: int
+    kind: str
+    capabilities: tuple[str, ...]
     owned_by: str = "mlxserve"
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """Inputs are strings or token-id sequences; `dimensions` truncates and re-normalizes."""
+
+    model: str
+    inputs: tuple[str | tuple[int, ...], ...]
+    dimensions: int | None = None
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: Any  # numpy float32 array, one row per input, in input order
+    prompt_tokens: int
 
 
 # --- errors -------------------------------------------------------------------
@@ -150,6 +167,13 @@ class InvalidRequestError(MlxserveError):
 class ModelNotFoundError(MlxserveError):
     param = "model"
     code = "model_not_found"
+
+
+class WrongModelKindError(InvalidRequestError):
+    """The model exists but is of another kind than the endpoint serves (chat vs embeddings)."""
+
+    param = "model"
+    code = "model_not_supported"
 
 
 class ContextLengthExceededError(InvalidRequestError):

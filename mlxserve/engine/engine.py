@@ -11,10 +11,21 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable
 
-from mlxserve.engine.kinds.text import load_text_model
 from mlxserve.engine.scheduler import Scheduler
 from mlxserve.engine.store import ModelStore
-from mlxserve.protocol import Accepted, Event, GenerationRequest, ModelInfo, Usage
+from mlxserve.protocol import (
+    Accepted,
+    EmbeddingRequest,
+    EmbeddingResult,
+    Event,
+    GenerationRequest,
+    ModelInfo,
+    Usage,
+    WrongModelKindError,
+)
+
+
+_KIND_LABELS = {"text": "a chat (text generation) model", "embeddings": "an embedding model"}
 
 
 class GenerationStream:
@@ -46,7 +57,7 @@ class GenerationStream:
 class Engine:
     def __init__(self, store: ModelStore):
         self.store = store
-        self._scheduler = Scheduler(lambda model_id: load_text_model(model_id, store.path(model_id)))
+        self._scheduler = Scheduler(store.load)
         self._ids = itertools.count()
 
     def start(self, preload: tuple[str, ...] = ()) -> None:
@@ -65,9 +76,15 @@ class Engine:
     def get_model(self, model_id: str) -> ModelInfo:
         return self.store.get(model_id)
 
-    async def generate(self, request: GenerationRequest) -> GenerationStream:
-        """Queue `request`; raise its MlxserveError (unknown model, context too long, ...) before streaming."""
-        self.store.path(request.model)
+    def _require_kind(self, model_id: str, kind: str, endpoint: str) -> None:
+        info = self.store.get(model_id)
+        if info.kind != kind:
+            raise WrongModelKindError(
+                f"The model '{model_id}' is {_KIND_LABELS[info.kind]}, but {endpoint} needs {_KIND_LABELS[kind]}")
+
+    async def _first_event(self, submit: Callable[[int, Callable[[object], None]], None]
+                           ) -> tuple[int, asyncio.Queue, object]:
+        """Submit to the engine thread; wait for its first event, raising it if it is an error."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         request_id = next(self._ids)
@@ -78,7 +95,7 @@ class Engine:
             except RuntimeError:  # the loop closed (server shutting down); nobody is listening
                 pass
 
-        self._scheduler.submit(request_id, request, sink)
+        submit(request_id, sink)
         try:
             first = await events.get()
         except asyncio.CancelledError:
@@ -86,5 +103,19 @@ class Engine:
             raise
         if isinstance(first, BaseException):
             raise first
+        return request_id, events, first
+
+    async def generate(self, request: GenerationRequest) -> GenerationStream:
+        """Queue `request`; raise its MlxserveError (unknown model, context too long, ...) before streaming."""
+        self._require_kind(request.model, "text", "this endpoint")
+        request_id, events, first = await self._first_event(
+            lambda rid, sink: self._scheduler.submit(rid, request, sink))
         assert isinstance(first, Accepted)
         return GenerationStream(events, first, lambda: self._scheduler.cancel(request_id))
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """Embed every input, batched on the engine thread; raises the client's MlxserveError."""
+        self._require_kind(request.model, "embeddings", "/v1/embeddings")
+        _, _, result = await self._first_event(lambda rid, sink: self._scheduler.embed(rid, request, sink))
+        assert isinstance(result, EmbeddingResult)
+        return result

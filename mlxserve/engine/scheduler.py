@@ -12,13 +12,16 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.generate import BatchGenerator
 
 from mlxserve.engine.detokenize import IncrementalDetokenizer
+from mlxserve.engine.kinds.embed import EmbeddingModel
 from mlxserve.engine.kinds.text import TextModel
 from mlxserve.engine.logprobs import LogprobReporter
 from mlxserve.engine.sampling import make_logits_processor, make_sampler
@@ -27,6 +30,8 @@ from mlxserve.protocol import (
     Accepted,
     ChoiceFinished,
     ContextLengthExceededError,
+    EmbeddingRequest,
+    EmbeddingResult,
     FinishReason,
     GenerationRequest,
     InvalidRequestError,
@@ -39,9 +44,13 @@ from mlxserve.protocol import (
 log = logging.getLogger("mlxserve.engine")
 
 Sink = Callable[[object], None]
-ModelLoader = Callable[[str], TextModel]
+ModelLoader = Callable[[str], "TextModel | EmbeddingModel"]
 
 PREFILL_STEP = 512
+# Sequences per embedding forward pass. Between two passes the engine runs a
+# decode step for every chat model, so a large request never stalls streams
+# for longer than one batch.
+EMBED_BATCH = 32
 
 
 @dataclass
@@ -75,6 +84,52 @@ class _Submit:
 @dataclass
 class _Cancel:
     id: int
+
+
+@dataclass
+class _Embed:
+    id: int
+    request: EmbeddingRequest
+    sink: Sink
+
+
+@dataclass
+class _EmbedJob:
+    """An embedding request cut into length-sorted batches, run one batch per engine-loop turn."""
+
+    id: int
+    request: EmbeddingRequest
+    sink: Sink
+    model: EmbeddingModel
+    tokens: list[list[int]]
+    batches: deque[list[int]]
+    vectors: np.ndarray
+
+    @classmethod
+    def create(cls, command: _Embed, model: EmbeddingModel) -> _EmbedJob:
+        req = command.request
+        if req.dimensions is not None and req.dimensions > model.dimensions:
+            raise InvalidRequestError(
+                f"'dimensions' is {req.dimensions}, but the model '{model.name}' makes "
+                f"{model.dimensions}-dimensional embeddings", param="dimensions")
+        tokens = model.tokenize(list(req.inputs))
+        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+        batches = deque(order[i : i + EMBED_BATCH] for i in range(0, len(order), EMBED_BATCH))
+        vectors = np.zeros((len(tokens), model.dimensions), dtype=np.float32)
+        return cls(command.id, req, command.sink, model, tokens, batches, vectors)
+
+    def run_batch(self) -> bool:
+        """Embed the next batch; True when the whole request is done (and its result sent)."""
+        indices = self.batches.popleft()
+        self.vectors[indices] = self.model.embed([self.tokens[i] for i in indices])
+        if self.batches:
+            return False
+        vectors = self.vectors
+        if self.request.dimensions is not None:
+            vectors = vectors[:, : self.request.dimensions]
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        self.sink(EmbeddingResult(vectors, sum(len(t) for t in self.tokens)))
+        return True
 
 
 @dataclass
@@ -225,7 +280,9 @@ class Scheduler:
     def __init__(self, loader: ModelLoader):
         self._loader = loader
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._models: dict[str, TextModel | EmbeddingModel] = {}
         self._runners: dict[str, _ModelRunner] = {}
+        self._embed_jobs: deque[_EmbedJob] = deque()
         self._thread = threading.Thread(target=self._run, name="mlxserve-engine", daemon=True)
 
     # --- called from any thread ---------------------------------------------
@@ -240,12 +297,15 @@ class Scheduler:
     def submit(self, request_id: int, request: GenerationRequest, sink: Sink) -> None:
         self._commands.put(_Submit(request_id, request, sink))
 
+    def embed(self, request_id: int, request: EmbeddingRequest, sink: Sink) -> None:
+        self._commands.put(_Embed(request_id, request, sink))
+
     def cancel(self, request_id: int) -> None:
         self._commands.put(_Cancel(request_id))
 
     def preload(self, model_id: str) -> None:
         """Load `model_id` on the engine thread and wait; raises what loading raised."""
-        call = _Call(lambda: self._runner(model_id) and None)
+        call = _Call(lambda: self._model(model_id) and None)
         self._commands.put(call)
         call.done.wait()
         if call.error is not None:
@@ -253,9 +313,14 @@ class Scheduler:
 
     # --- engine thread --------------------------------------------------------
 
+    def _model(self, model_id: str) -> TextModel | EmbeddingModel:
+        if model_id not in self._models:
+            self._models[model_id] = self._loader(model_id)
+        return self._models[model_id]
+
     def _runner(self, model_id: str) -> _ModelRunner:
         if model_id not in self._runners:
-            self._runners[model_id] = _ModelRunner(self._loader(model_id))
+            self._runners[model_id] = _ModelRunner(self._model(model_id))
         return self._runners[model_id]
 
     def _handle(self, command: object) -> None:
@@ -265,15 +330,33 @@ class Scheduler:
                 self._runner(command.request.model).add(active)
             except MlxserveError as exc:
                 command.sink(exc)
+        elif isinstance(command, _Embed):
+            try:
+                self._embed_jobs.append(_EmbedJob.create(command, self._model(command.request.model)))
+            except MlxserveError as exc:
+                command.sink(exc)
         elif isinstance(command, _Cancel):
             for runner in self._runners.values():
                 runner.cancel(command.id)
+            self._embed_jobs = deque(j for j in self._embed_jobs if j.id != command.id)
         elif isinstance(command, _Call):
             try:
                 command.fn()
             except BaseException as exc:  # handed back to the waiting caller
                 command.error = exc
             command.done.set()
+
+    def _embed_step(self) -> None:
+        """One batch of the oldest embedding job, then that job goes to the back (round robin)."""
+        if not self._embed_jobs:
+            return
+        job = self._embed_jobs.popleft()
+        try:
+            if not job.run_batch():
+                self._embed_jobs.append(job)
+        except Exception as exc:
+            log.exception("embedding failed for %s", job.model.name)
+            job.sink(exc)
 
     def _pending_commands(self, block: bool) -> list[object]:
         """Everything queued now; when idle, wait for at least one command."""
@@ -284,7 +367,7 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
-            busy = any(r.busy for r in self._runners.values())
+            busy = bool(self._embed_jobs) or any(r.busy for r in self._runners.values())
             for command in self._pending_commands(block=not busy):
                 if command is None:
                     return
@@ -292,8 +375,9 @@ class Scheduler:
                     self._handle(command)
                 except Exception as exc:
                     log.exception("engine command failed")
-                    if isinstance(command, _Submit):
+                    if isinstance(command, (_Submit, _Embed)):
                         command.sink(exc)
+            self._embed_step()
             for runner in list(self._runners.values()):
                 if runner.busy:
                     try:

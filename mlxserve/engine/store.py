@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mlxserve.engine.kinds import Kind, kind_of
 from mlxserve.protocol import ModelInfo, ModelNotFoundError
 
 
@@ -24,7 +25,9 @@ class ModelStore:
         ]
 
     def _info(self, path: Path) -> ModelInfo:
-        return ModelInfo(id=path.name, created=int((path / "config.json").stat().st_mtime))
+        kind = kind_of(path, json.loads((path / "config.json").read_text()))
+        return ModelInfo(id=path.name, created=int((path / "config.json").stat().st_mtime),
+                         kind=kind.name, capabilities=kind.capabilities)
 
     def path(self, model_id: str) -> Path:
         """The folder of `model_id`; ModelNotFoundError if there is none."""
@@ -37,8 +40,13 @@ class ModelStore:
     def get(self, model_id: str) -> ModelInfo:
         return self._info(self.path(model_id))
 
-    def config(self, model_id: str) -> dict[str, Any]:
-        return json.loads((self.path(model_id) / "config.json").read_text())
+    def kind(self, model_id: str) -> Kind:
+        path = self.path(model_id)
+        return kind_of(path, json.loads((path / "config.json").read_text()))
+
+    def load(self, model_id: str) -> Any:
+        """Load `model_id` with its kind's loader (on the engine thread: it evaluates MLX arrays)."""
+        return self.kind(model_id).load(model_id, self.path(model_id))
 
     def exists(self, model_id: str) -> bool:
         try:

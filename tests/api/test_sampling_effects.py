@@ -28,45 +28,45 @@ def token_id(home, text: str) -> int:
     return ids[0]
 
 
-def test_logit_bias_minus_100_bans_the_greedy_first_token(smollm_client, smollm_home):
-    greedy = first_token(smollm_client).token
-    banned = token_id(smollm_home, greedy)
-    assert first_token(smollm_client, logit_bias={str(banned): -100}).token != greedy
+def test_logit_bias_minus_100_bans_the_greedy_first_token(default_client, default_home):
+    greedy = first_token(default_client).token
+    banned = token_id(default_home, greedy)
+    assert first_token(default_client, logit_bias={str(banned): -100}).token != greedy
 
 
-def test_logit_bias_plus_100_forces_a_token(smollm_client, smollm_home):
-    forced = token_id(smollm_home, " banana")
-    r = chat(smollm_client, temperature=0, max_tokens=3, logit_bias={str(forced): 100})
+def test_logit_bias_plus_100_forces_a_token(default_client, default_home):
+    forced = token_id(default_home, " banana")
+    r = chat(default_client, temperature=0, max_tokens=3, logit_bias={str(forced): 100})
     assert "banana" in r.choices[0].message.content
 
 
-def test_top_k_1_is_greedy_even_at_high_temperature(smollm_client):
-    greedy = chat(smollm_client, messages=STORY, temperature=0, max_tokens=12).choices[0].message.content
-    top1 = chat(smollm_client, messages=STORY, temperature=1.5, max_tokens=12, extra_body={"top_k": 1}).choices[0].message.content
+def test_top_k_1_is_greedy_even_at_high_temperature(default_client):
+    greedy = chat(default_client, messages=STORY, temperature=0, max_tokens=12).choices[0].message.content
+    top1 = chat(default_client, messages=STORY, temperature=1.5, max_tokens=12, extra_body={"top_k": 1}).choices[0].message.content
     assert top1 == greedy
 
 
-def test_penalties_change_a_repetitive_answer(smollm_client):
+def test_penalties_change_a_repetitive_answer(default_client):
     kwargs = dict(messages=APPLE, temperature=0, max_tokens=20)
-    plain = chat(smollm_client, **kwargs).choices[0].message.content
+    plain = chat(default_client, **kwargs).choices[0].message.content
     assert plain.lower().count("apple") >= 5
     for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"extra_body": {"repeat_penalty": 3.0}}):
-        penalised = chat(smollm_client, **kwargs, **penalty).choices[0].message.content
+        penalised = chat(default_client, **kwargs, **penalty).choices[0].message.content
         assert penalised != plain, penalty
         assert penalised.lower().count("apple") < plain.lower().count("apple"), penalty
 
 
-def test_repetition_penalty_is_an_alias(smollm_client):
+def test_repetition_penalty_is_an_alias(default_client):
     kwargs = dict(messages=APPLE, temperature=0, max_tokens=12)
-    a = chat(smollm_client, **kwargs, extra_body={"repeat_penalty": 3.0}).choices[0].message.content
-    b = chat(smollm_client, **kwargs, extra_body={"repetition_penalty": 3.0}).choices[0].message.content
+    a = chat(default_client, **kwargs, extra_body={"repeat_penalty": 3.0}).choices[0].message.content
+    b = chat(default_client, **kwargs, extra_body={"repetition_penalty": 3.0}).choices[0].message.content
     assert a == b
 
 
-def test_same_seed_same_text_alone_streamed_and_under_load(smollm_client):
+def test_same_seed_same_text_alone_streamed_and_under_load(default_client):
     kwargs = dict(messages=STORY, temperature=1.0, max_tokens=12, seed=1234)
-    alone = chat(smollm_client, **kwargs).choices[0].message.content
-    streamed = "".join(c.choices[0].delta.content or "" for c in chat(smollm_client, stream=True, **kwargs)
+    alone = chat(default_client, **kwargs).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(default_client, stream=True, **kwargs)
                        if c.choices)
     assert streamed == alone
 
@@ -74,9 +74,9 @@ def test_same_seed_same_text_alone_streamed_and_under_load(smollm_client):
 
     def run(i: int) -> None:
         if i == 0:
-            results[i] = chat(smollm_client, **kwargs).choices[0].message.content
+            results[i] = chat(default_client, **kwargs).choices[0].message.content
         else:  # other traffic with other prompts and parameters in the same batch
-            chat(smollm_client, messages=APPLE, temperature=0.8, max_tokens=16, seed=i)
+            chat(default_client, messages=APPLE, temperature=0.8, max_tokens=16, seed=i)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in (1, 2, 3, 4, 0)]
     for t in threads:
@@ -86,10 +86,10 @@ def test_same_seed_same_text_alone_streamed_and_under_load(smollm_client):
     assert results[0] == alone
 
 
-def test_same_seed_same_text_in_another_server_process(smollm_client, smollm_home):
+def test_same_seed_same_text_in_another_server_process(default_client, default_home):
     kwargs = dict(messages=STORY, temperature=1.0, max_tokens=12, seed=99)
-    here = chat(smollm_client, **kwargs)
-    other = ServerProcess(smollm_home, [SMOLLM])
+    here = chat(default_client, **kwargs)
+    other = ServerProcess(default_home, [SMOLLM])
     try:
         from openai import OpenAI
 
@@ -100,28 +100,28 @@ def test_same_seed_same_text_in_another_server_process(smollm_client, smollm_hom
     assert there.system_fingerprint == here.system_fingerprint and here.system_fingerprint.startswith("fp_")
 
 
-def test_different_seeds_usually_differ(smollm_client):
-    texts = {chat(smollm_client, messages=STORY, temperature=1.2, max_tokens=10, seed=s).choices[0].message.content
+def test_different_seeds_usually_differ(default_client):
+    texts = {chat(default_client, messages=STORY, temperature=1.2, max_tokens=10, seed=s).choices[0].message.content
              for s in (1, 2, 3)}
     assert len(texts) >= 2
 
 
-def test_n_gives_independent_choices(smollm_client):
-    r = chat(smollm_client, messages=STORY, temperature=1.2, max_tokens=6, n=3, seed=5)
+def test_n_gives_independent_choices(default_client):
+    r = chat(default_client, messages=STORY, temperature=1.2, max_tokens=6, n=3, seed=5)
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert all(c.finish_reason in ("stop", "length") for c in r.choices)
     assert len({c.message.content for c in r.choices}) >= 2
     assert r.usage.completion_tokens >= 3  # counts every choice
 
 
-def test_n_streamed_chunks_carry_their_choice_index(smollm_client):
-    chunks = list(chat(smollm_client, messages=STORY, temperature=1.0, max_tokens=4, n=2, stream=True, seed=3))
+def test_n_streamed_chunks_carry_their_choice_index(default_client):
+    chunks = list(chat(default_client, messages=STORY, temperature=1.0, max_tokens=4, n=2, stream=True, seed=3))
     finished = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
     assert sorted(finished) == [0, 1]
 
 
-def test_greedy_logprob_equals_top_alternative(smollm_client):
-    r = chat(smollm_client, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3)
+def test_greedy_logprob_equals_top_alternative(default_client):
+    r = chat(default_client, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content
     assert "".join(e.token for e in content) == r.choices[0].message.content
     for entry in content:
@@ -132,8 +132,8 @@ def test_greedy_logprob_equals_top_alternative(smollm_client):
         assert bytes(entry.bytes).decode() == entry.token
 
 
-def test_completion_logprobs_shape(smollm_client):
-    r = smollm_client.completions.create(model=SMOLLM, prompt="The capital of France is", max_tokens=3,
+def test_completion_logprobs_shape(default_client):
+    r = default_client.completions.create(model=SMOLLM, prompt="The capital of France is", max_tokens=3,
                                          temperature=0, logprobs=2)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
