@@ -8,6 +8,7 @@ the HTTP layer can still answer with a 4xx before it commits to a stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable
 
@@ -90,10 +91,9 @@ class Engine:
         request_id = next(self._ids)
 
         def sink(event: object) -> None:
-            try:
+            # RuntimeError: the loop closed (server shutting down) and nobody is listening.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop closed (server shutting down); nobody is listening
-                pass
 
         submit(request_id, sink)
         try:

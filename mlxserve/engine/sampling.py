@@ -1,7 +1,7 @@
 """Logit processors and samplers: pure functions over MLX arrays.
 
-The chain, in the order it runs (llama.cpp's order; kept in `PROCESSOR_ORDER`
-and documented in the README):
+The chain, in the order it runs (llama.cpp's order; `make_logits_processor`
+is the one place that sets it, and the README documents it):
 
 1. `logit_bias`       add the request's bias to raw logits
 2. `repeat_penalty`   llama.cpp's multiplicative penalty over the last N tokens
@@ -31,22 +31,11 @@ from mlxserve.protocol import SamplingParams
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 Sampler = Callable[[mx.array], mx.array]
 
-PROCESSOR_ORDER = (
-    "logit_bias",
-    "repeat_penalty",
-    "presence_penalty/frequency_penalty",
-    "top_k",
-    "top_p",
-    "min_p",
-    "temperature",
-)
-
 _NEG_INF = float("-inf")
 
 
 def apply_logit_bias(logits: mx.array, token_ids: mx.array, bias: mx.array) -> mx.array:
-    logits[:, token_ids] = logits[:, token_ids] + bias.astype(logits.dtype)
-    return logits
+    return logits.at[:, token_ids].add(bias.astype(logits.dtype))
 
 
 def apply_repeat_penalty(logits: mx.array, window: mx.array, penalty: float) -> mx.array:
@@ -56,9 +45,9 @@ def apply_repeat_penalty(logits: mx.array, window: mx.array, penalty: float) -> 
     """
     if window.size == 0:
         return logits
-    selected = logits[:, window]
-    logits[:, window] = mx.where(selected > 0, selected / penalty, selected * penalty)
-    return logits
+    recent = mx.zeros((logits.shape[-1],), dtype=mx.bool_).at[window].maximum(True)[None, :]
+    penalised = mx.where(logits > 0, logits / penalty, logits * penalty)
+    return mx.where(recent, penalised, logits)
 
 
 def apply_presence_frequency(

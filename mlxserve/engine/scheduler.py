@@ -173,8 +173,8 @@ class _ModelRunner:
                 f"but the prompt has {len(tokens)} tokens. Shorten the prompt.",
                 param="messages" if req.messages is not None else "prompt",
             )
-        if not tokens:
-            tokens = [next(iter(sorted(model.stop_token_ids)), 0)]
+        if not tokens:  # an empty raw prompt: start from BOS, as llama.cpp does
+            tokens = [model.start_token_id]
         unknown = [t for t in req.sampling.logit_bias if t >= model.vocab_size]
         if unknown:
             raise InvalidRequestError(

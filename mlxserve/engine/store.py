@@ -13,6 +13,8 @@ from mlxserve.protocol import ModelInfo, ModelNotFoundError
 class ModelStore:
     def __init__(self, models_dir: Path):
         self.models_dir = models_dir
+        # Kind by (folder, config mtime): every request asks, and configs rarely change.
+        self._kinds: dict[tuple[Path, float], Kind] = {}
 
     def _is_model(self, path: Path) -> bool:
         return path.is_dir() and (path / "config.json").is_file() and not path.name.endswith(".partial")
@@ -24,8 +26,14 @@ class ModelStore:
             self._info(p) for p in sorted(self.models_dir.iterdir()) if self._is_model(p)
         ]
 
+    def _kind(self, path: Path) -> Kind:
+        mtime = (path / "config.json").stat().st_mtime
+        if (path, mtime) not in self._kinds:
+            self._kinds[(path, mtime)] = kind_of(path, json.loads((path / "config.json").read_text()))
+        return self._kinds[(path, mtime)]
+
     def _info(self, path: Path) -> ModelInfo:
-        kind = kind_of(path, json.loads((path / "config.json").read_text()))
+        kind = self._kind(path)
         return ModelInfo(id=path.name, created=int((path / "config.json").stat().st_mtime),
                          kind=kind.name, capabilities=kind.capabilities)
 
@@ -40,17 +48,7 @@ class ModelStore:
     def get(self, model_id: str) -> ModelInfo:
         return self._info(self.path(model_id))
 
-    def kind(self, model_id: str) -> Kind:
-        path = self.path(model_id)
-        return kind_of(path, json.loads((path / "config.json").read_text()))
-
     def load(self, model_id: str) -> Any:
         """Load `model_id` with its kind's loader (on the engine thread: it evaluates MLX arrays)."""
-        return self.kind(model_id).load(model_id, self.path(model_id))
-
-    def exists(self, model_id: str) -> bool:
-        try:
-            self.path(model_id)
-        except ModelNotFoundError:
-            return False
-        return True
+        path = self.path(model_id)
+        return self._kind(path).load(model_id, path)

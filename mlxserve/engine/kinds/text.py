@@ -31,6 +31,12 @@ class TextModel:
     vocab_size: int
     system_fingerprint: str
 
+    @property
+    def start_token_id(self) -> int:
+        """What an empty prompt starts from: BOS, else the end-of-sequence token."""
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else min(self.stop_token_ids)
+
     def render_chat(self, messages: tuple[ChatMessage, ...]) -> str:
         """The exact prompt text the model sees: its chat template applied, generation prompt added."""
         if not getattr(self.tokenizer, "chat_template", None):
