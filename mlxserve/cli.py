@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
              "Requests may name any model in the model directory.")
     serve.add_argument("--max-body-mb", type=float, default=64,
                        help="largest request body accepted, in MiB; larger ones get a 413 (default: %(default)s)")
+    serve.add_argument("--max-image-mb", type=float, default=20,
+                       help="largest image accepted in a chat message, in MiB (default: %(default)s)")
+    serve.add_argument("--no-remote-images", dest="remote_images", action="store_false", default=None,
+                       help="refuse http(s) image URLs instead of fetching them")
+    serve.add_argument("--image-folder", type=Path, default=None, metavar="DIR",
+                       help="allow file:// image URLs inside DIR (default: file:// URLs are refused)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="log verbosity (default: %(default)s)")
 
@@ -54,11 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = Settings(home=args.home or default_home())
-    for key in ("host", "port", "log_level"):
+    for key in ("host", "port", "log_level", "remote_images", "image_folder"):
         if getattr(args, key, None) is not None:
             setattr(settings, key, getattr(args, key))
     if getattr(args, "max_body_mb", None) is not None:
         settings.max_body_bytes = int(args.max_body_mb * 1024 * 1024)
+    if getattr(args, "max_image_mb", None) is not None:
+        settings.max_image_bytes = int(args.max_image_mb * 1024 * 1024)
     if getattr(args, "models", None):
         settings.models = tuple(args.models)
     return settings
@@ -79,12 +87,16 @@ def _ensure_models(settings: Settings) -> None:
 
 def _serve(settings: Settings) -> None:
     from mlxserve.api.app import create_app
+    from mlxserve.api.images import ImagePolicy
     from mlxserve.engine.engine import Engine
     from mlxserve.engine.store import ModelStore
 
     _ensure_models(settings)
     engine = Engine(ModelStore(settings.models_dir))
-    app = create_app(engine, max_body_bytes=settings.max_body_bytes, preload=settings.models)
+    images = ImagePolicy(max_bytes=settings.max_image_bytes, allow_remote=settings.remote_images,
+                         file_folder=settings.image_folder)
+    app = create_app(engine, max_body_bytes=settings.max_body_bytes, image_policy=images,
+                     preload=settings.models)
     if blas.loaded:
         logging.getLogger("mlxserve").info("using %s for CPU matrix products", blas.loaded)
     print(f"mlxserve {__version__}: serving {', '.join(settings.models)} on "

@@ -30,12 +30,33 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ImagePart:
+    """An image content part. `where` names it for errors ("messages[0].content[1]").
+
+    The HTTP layer parses `url` and fills `data` (the encoded file, checked to be an image
+    within the size limit) before the request reaches the engine.
+    """
+
+    url: str
+    where: str
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
 class ChatMessage:
-    """One turn of a conversation; `content` is plain text after parsing."""
+    """One turn of a conversation: text and images, in the order the client sent them."""
 
     role: str
-    content: str
+    parts: tuple[str | ImagePart, ...]
     name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(p for p in self.parts if isinstance(p, str))
+
+    @property
+    def images(self) -> tuple[ImagePart, ...]:
+        return tuple(p for p in self.parts if isinstance(p, ImagePart))
 
 
 @dataclass(frozen=True)
@@ -179,6 +200,12 @@ class WrongModelKindError(InvalidRequestError):
 class ContextLengthExceededError(InvalidRequestError):
     param = "messages"
     code = "context_length_exceeded"
+
+
+class ImageError(InvalidRequestError):
+    """An image part that cannot be used: corrupt, not an image, too large, or not allowed."""
+
+    code = "invalid_image"
 
 
 class ConversionError(MlxserveError):

@@ -23,6 +23,9 @@ class Settings:
     # Models loaded when the server starts; requests may name any model on disk.
     models: tuple[str, ...] = (DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL)
     max_body_bytes: int = 64 * 1024 * 1024
+    max_image_bytes: int = 20 * 1024 * 1024
+    remote_images: bool = True  # fetch http(s) image URLs
+    image_folder: Path | None = None  # file:// image URLs must lie inside it; None refuses them
     log_level: str = "info"
 
     @property

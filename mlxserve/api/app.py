@@ -7,10 +7,12 @@ from typing import Any
 from sanic import Sanic
 
 from mlxserve.api.errors import register_error_handler
+from mlxserve.api.images import ImagePolicy
 from mlxserve.api.routes import chat, completions, embeddings, models
 
 
-def create_app(engine: Any, *, max_body_bytes: int, preload: tuple[str, ...] = ()) -> Sanic:
+def create_app(engine: Any, *, max_body_bytes: int, image_policy: ImagePolicy,
+               preload: tuple[str, ...] = ()) -> Sanic:
     """`engine` offers list_models, get_model, generate, embed, start(preload) and stop()."""
     # mlxserve configures logging itself (cli.py); Sanic would add a second handler.
     app = Sanic("mlxserve", configure_logging=False)
@@ -18,6 +20,7 @@ def create_app(engine: Any, *, max_body_bytes: int, preload: tuple[str, ...] = (
     app.config.MOTD = False
     app.config.KEEP_ALIVE_TIMEOUT = 75
     app.ctx.engine = engine
+    app.ctx.image_policy = image_policy
     for bp in (models.bp, chat.bp, completions.bp, embeddings.bp):
         app.blueprint(bp)
     register_error_handler(app)

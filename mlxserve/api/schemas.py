@@ -14,7 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mlxserve.protocol import ChatMessage, EmbeddingRequest, GenerationRequest, InvalidRequestError, SamplingParams
+from mlxserve.protocol import (
+    ChatMessage,
+    EmbeddingRequest,
+    GenerationRequest,
+    ImagePart,
+    InvalidRequestError,
+    SamplingParams,
+)
 
 CHAT = "chat"
 COMPLETIONS = "completions"
@@ -188,26 +195,32 @@ def _read(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
     return values
 
 
-def _content_text(content: Any, where: str, role: str) -> str:
+def _content_parts(content: Any, where: str, role: str) -> tuple[str | ImagePart, ...]:
+    """A message's content as text and image parts, in order; images are fetched later (api/images.py)."""
     if isinstance(content, str):
-        return content
+        return (content,)
     if content is None and role in ("assistant", "tool"):
-        return ""
+        return ("",)
     if not isinstance(content, list):
         raise InvalidRequestError(f"'{where}' must be a string or a list of content parts", param=where)
-    texts = []
+    parts: list[str | ImagePart] = []
     for j, part in enumerate(content):
         here = f"{where}[{j}]"
-        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise InvalidRequestError(f"'{here}' must be an object with a 'type'", param=here)
-        if part["type"] != "text":
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise InvalidRequestError(f"'{here}.text' must be a string", param=f"{here}.text")
+            parts.append(part["text"])
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url:
+                raise InvalidRequestError(f"'{here}.image_url.url' must be a string", param=f"{here}.image_url.url")
+            parts.append(ImagePart(url=url, where=here))
+        else:
             raise InvalidRequestError(
-                f"'{here}' has type '{part['type']}', which this model does not accept; "
-                "send text parts only", param=here)
-        if not isinstance(part.get("text"), str):
-            raise InvalidRequestError(f"'{here}.text' must be a string", param=f"{here}.text")
-        texts.append(part["text"])
-    return "".join(texts)
+                f"'{here}' must be an object with type 'text' or 'image_url'; got {kind!r}", param=here)
+    return tuple(parts)
 
 
 def _messages(value: Any) -> tuple[ChatMessage, ...]:
@@ -223,10 +236,10 @@ def _messages(value: Any) -> tuple[ChatMessage, ...]:
             raise InvalidRequestError(
                 f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}; got {role!r}",
                 param=f"{where}.role")
-        content = _content_text(message.get("content"), f"{where}.content", role)
+        parts = _content_parts(message.get("content"), f"{where}.content", role)
         name = message.get("name") if isinstance(message.get("name"), str) else None
         # Chat templates know "system"; OpenAI's newer "developer" role means the same.
-        messages.append(ChatMessage("system" if role == "developer" else role, content, name))
+        messages.append(ChatMessage("system" if role == "developer" else role, parts, name))
     return tuple(messages)
 
 

@@ -108,6 +108,12 @@ class Engine:
     async def generate(self, request: GenerationRequest) -> GenerationStream:
         """Queue `request`; raise its MlxserveError (unknown model, context too long, ...) before streaming."""
         self._require_kind(request.model, "text", "this endpoint")
+        images = [i for m in request.messages or () for i in m.images]
+        capabilities = self.store.get(request.model).capabilities
+        if images and "vision" not in capabilities:
+            raise WrongModelKindError(
+                f"The model '{request.model}' does not accept images (its capabilities: "
+                f"{', '.join(capabilities)}); send text only or use a vision model", param=images[0].where)
         request_id, events, first = await self._first_event(
             lambda rid, sink: self._scheduler.submit(rid, request, sink))
         assert isinstance(first, Accepted)

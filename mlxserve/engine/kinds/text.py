@@ -45,7 +45,7 @@ class TextModel:
                 param="messages",
             )
         turns = [
-            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+            {"role": m.role, "content": m.text, **({"name": m.name} if m.name else {})}
             for m in messages
         ]
         try:
