@@ -12,6 +12,7 @@ from tests.fixtures.server import ServerProcess
 from tests.fixtures.tiny_gguf import write_tiny_gguf
 
 TINY = "tiny-llama"
+TINY_VLM = "tiny-vlm"
 SMOLLM = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
 
@@ -34,6 +35,27 @@ def tiny_server(tiny_home: Path):
 @pytest.fixture(scope="session")
 def tiny_client(tiny_server: ServerProcess) -> OpenAI:
     return OpenAI(base_url=tiny_server.base_url, api_key="anything", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def vlm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.fixtures.tiny_vlm import write_tiny_vlm
+
+    home = tmp_path_factory.mktemp("vlm-home")
+    write_tiny_vlm(home / "models" / TINY_VLM)
+    return home
+
+
+@pytest.fixture(scope="session")
+def vlm_server(vlm_home: Path):
+    server = ServerProcess(vlm_home, [TINY_VLM])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def vlm_client(vlm_server: ServerProcess) -> OpenAI:
+    return OpenAI(base_url=vlm_server.base_url, api_key="anything", max_retries=0)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,8 @@ from mlxserve.protocol import (
 )
 
 
-_KIND_LABELS = {"text": "a chat (text generation) model", "embeddings": "an embedding model"}
+_KIND_LABELS = {"text": "a chat (text generation) model", "vision": "a vision-language chat model",
+                "embeddings": "an embedding model"}
 
 
 class GenerationStream:
@@ -77,11 +78,11 @@ class Engine:
     def get_model(self, model_id: str) -> ModelInfo:
         return self.store.get(model_id)
 
-    def _require_kind(self, model_id: str, kind: str, endpoint: str) -> None:
+    def _require(self, model_id: str, capability: str, endpoint: str, needs: str) -> ModelInfo:
         info = self.store.get(model_id)
-        if info.kind != kind:
-            raise WrongModelKindError(
-                f"The model '{model_id}' is {_KIND_LABELS[info.kind]}, but {endpoint} needs {_KIND_LABELS[kind]}")
+        if capability not in info.capabilities:
+            raise WrongModelKindError(f"The model '{model_id}' is {_KIND_LABELS[info.kind]}, but {endpoint} needs {needs}")
+        return info
 
     async def _first_event(self, submit: Callable[[int, Callable[[object], None]], None]
                            ) -> tuple[int, asyncio.Queue, object]:
@@ -107,9 +108,10 @@ class Engine:
 
     async def generate(self, request: GenerationRequest) -> GenerationStream:
         """Queue `request`; raise its MlxserveError (unknown model, context too long, ...) before streaming."""
-        self._require_kind(request.model, "text", "this endpoint")
+        capability = "chat" if request.messages is not None else "completions"
+        info = self._require(request.model, capability, "this endpoint", "a chat (text generation) model")
         images = [i for m in request.messages or () for i in m.images]
-        capabilities = self.store.get(request.model).capabilities
+        capabilities = info.capabilities
         if images and "vision" not in capabilities:
             raise WrongModelKindError(
                 f"The model '{request.model}' does not accept images (its capabilities: "
@@ -121,7 +123,7 @@ class Engine:
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         """Embed every input, batched on the engine thread; raises the client's MlxserveError."""
-        self._require_kind(request.model, "embeddings", "/v1/embeddings")
+        self._require(request.model, "embeddings", "/v1/embeddings", "an embedding model")
         _, _, result = await self._first_event(lambda rid, sink: self._scheduler.embed(rid, request, sink))
         assert isinstance(result, EmbeddingResult)
         return result

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
 
 from mlxserve.engine.detokenize import IncrementalDetokenizer
 from mlxserve.engine.kinds.embed import EmbeddingModel
@@ -165,7 +166,11 @@ class _ModelRunner:
         """Tokenize, check the context, and queue every choice; raise before any prefill on bad input."""
         req = active.request
         model = self.model
-        tokens = model.encode_chat(req.messages) if req.messages is not None else model.encode_prompt(req.prompt)
+        embeddings = None
+        if req.messages is not None:
+            tokens, embeddings = model.encode_chat(req.messages)
+        else:
+            tokens = model.encode_prompt(req.prompt)
         room = model.context_length - len(tokens)
         if room <= 0:
             raise ContextLengthExceededError(
@@ -192,15 +197,32 @@ class _ModelRunner:
         ]
         # Seeded choices of one request differ from each other but repeat across runs.
         seeds = [None if req.sampling.seed is None else req.sampling.seed + i for i in range(req.n)]
+        prompts, caches, history = [tokens] * req.n, None, None
+        if embeddings is not None:
+            # Image prompts are prefilled from their embeddings here; the batch generator
+            # continues from that cache with the last (text) token, as for a cached prefix.
+            prompts, history = [tokens[-1:]] * req.n, [tokens[:-1]] * req.n
+            caches = [self._prefill(tokens[:-1], embeddings[:-1]) for _ in range(req.n)]
         uids = self.generator.insert(
-            [tokens] * req.n,
+            prompts,
             max_tokens=[max_tokens] * req.n,
+            caches=caches,
+            all_tokens=history,
             samplers=[make_sampler(temperature, s) for s in seeds],
             logits_processors=[[make_logits_processor(req.sampling, len(tokens), temperature)] for _ in seeds],
         )
         for uid, choice in zip(uids, choices):
             choice.uid = uid
             self.choices[uid] = choice
+
+    def _prefill(self, tokens: list[int], embeddings: mx.array) -> list:
+        cache = make_prompt_cache(self.model.model)
+        for start in range(0, len(tokens), PREFILL_STEP):
+            end = start + PREFILL_STEP
+            self.model.model(mx.array(tokens[start:end])[None], cache=cache,
+                             input_embeddings=embeddings[None, start:end])
+            mx.eval([c.state for c in cache])
+        return cache
 
     def step(self) -> None:
         _, responses = self.generator.next()

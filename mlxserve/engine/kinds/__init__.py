@@ -13,6 +13,7 @@ from typing import Any
 
 from mlxserve.engine.kinds.embed import is_embedding_model, load_embedding_model
 from mlxserve.engine.kinds.text import load_text_model
+from mlxserve.engine.kinds.vision import is_vision_model, load_vision_model
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Kind:
 
 KINDS: tuple[Kind, ...] = (
     Kind("embeddings", ("embeddings",), is_embedding_model, load_embedding_model),
+    Kind("vision", ("chat", "completions", "vision"), is_vision_model, load_vision_model),
     Kind("text", ("chat", "completions"), lambda path, config: True, load_text_model),
 )
 

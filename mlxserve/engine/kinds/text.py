@@ -30,6 +30,7 @@ class TextModel:
     default_temperature: float
     vocab_size: int
     system_fingerprint: str
+    vision: Any = None  # a VisionTower (kinds/vision.py) for models that accept images
 
     @property
     def start_token_id(self) -> int:
@@ -55,10 +56,13 @@ class TextModel:
                 f"The model's chat template rejected these messages: {exc}", param="messages"
             ) from exc
 
-    def encode_chat(self, messages: tuple[ChatMessage, ...]) -> list[int]:
+    def encode_chat(self, messages: tuple[ChatMessage, ...]) -> tuple[list[int], mx.array | None]:
+        """Prompt token ids, plus input embeddings when the messages hold images."""
+        if self.vision is not None:  # its template expects content parts, images or not
+            return self.vision.encode(messages, self.name)
         # The rendered template already holds any BOS it wants; adding special
         # tokens again would double it.
-        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False), None
 
     def encode_prompt(self, prompt: str | tuple[int, ...]) -> list[int]:
         if isinstance(prompt, tuple):
@@ -80,6 +84,12 @@ def load_text_model(name: str, path: Path) -> TextModel:
     """Load weights and tokenizer; runs on the engine thread (it evaluates MLX arrays)."""
     model, tokenizer, config = mlx_lm_load(str(path), return_config=True)
     optimize_for_cpu(model)
+    return text_model_from(name, path, model, tokenizer, config)
+
+
+def text_model_from(name: str, path: Path, model: nn.Module, tokenizer: TokenizerWrapper,
+                    config: dict[str, Any], vision: Any = None) -> TextModel:
+    """The serving record for a loaded language model and its tokenizer."""
     generation = _generation_config(path)
     stop_ids = set(tokenizer.eos_token_ids)
     eos = generation.get("eos_token_id")
@@ -94,6 +104,7 @@ def load_text_model(name: str, path: Path) -> TextModel:
         default_temperature=float(generation.get("temperature", 1.0)),
         vocab_size=int(config.get("vocab_size") or len(tokenizer)),
         system_fingerprint=_fingerprint(name),
+        vision=vision,
     )
 
 
