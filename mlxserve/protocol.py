@@ -67,6 +67,7 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | tuple[int, ...] | None = None
     max_tokens: int | None = None
+    ttl: float | None = None  # seconds the model may stay loaded while idle (LM Studio's `ttl`)
     stop: tuple[str, ...] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
@@ -145,7 +146,37 @@ class ModelInfo:
     created: int
     kind: str
     capabilities: tuple[str, ...]
+    architecture: str
+    quantization: str
+    context_length: int | None
+    size_bytes: int  # weights on disk
     owned_by: str = "mlxserve"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model in memory, as `ps` shows it."""
+
+    id: str
+    kind: str
+    memory_bytes: int
+    ttl_seconds: float
+    idle_seconds: float
+    requests_in_flight: int
+    loaded_at: float
+
+    @property
+    def expires_in_seconds(self) -> float:
+        return max(0.0, self.ttl_seconds - self.idle_seconds) if self.requests_in_flight == 0 else self.ttl_seconds
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    """MLX's own accounting: what `ps` shows and what tests check after an unload."""
+
+    active_bytes: int  # held by live arrays (weights, KV caches)
+    cache_bytes: int  # freed buffers MLX keeps for reuse
+    budget_bytes: int  # --max-memory
 
 
 @dataclass(frozen=True)
@@ -155,6 +186,7 @@ class EmbeddingRequest:
     model: str
     inputs: tuple[str | tuple[int, ...], ...]
     dimensions: int | None = None
+    ttl: float | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +227,26 @@ class WrongModelKindError(InvalidRequestError):
 
     param = "model"
     code = "model_not_supported"
+
+
+class ModelNotAllowedError(MlxserveError):
+    """The server was started with a list of models it may load, and this one is not on it."""
+
+    param = "model"
+    code = "model_not_allowed"
+
+
+class ModelBusyError(MlxserveError):
+    """An explicit unload of a model that is still serving requests."""
+
+    param = "model"
+    code = "model_busy"
+
+
+class InsufficientMemoryError(MlxserveError):
+    """Loading the model would exceed the memory budget even after unloading idle models."""
+
+    code = "insufficient_memory"
 
 
 class ContextLengthExceededError(InvalidRequestError):

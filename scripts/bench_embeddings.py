@@ -26,7 +26,7 @@ from mlxserve.engine.bundled import install_bundled  # noqa: E402
 from mlxserve.engine.engine import Engine  # noqa: E402
 from mlxserve.engine.store import ModelStore  # noqa: E402
 from mlxserve.protocol import EmbeddingRequest  # noqa: E402
-from mlxserve.settings import DEFAULT_EMBEDDING_MODEL, default_home  # noqa: E402
+from mlxserve.settings import DEFAULT_EMBEDDING_MODEL, default_home, default_max_memory  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven curious cats watch from "
          "an old wooden fence near the quiet river bank").split()
@@ -67,7 +67,7 @@ def main() -> None:
 
     models_dir = args.home / "models"
     install_bundled(DEFAULT_EMBEDDING_MODEL, models_dir, report=progress)
-    engine = Engine(ModelStore(models_dir))
+    engine = Engine(ModelStore(models_dir), max_memory=default_max_memory(), default_ttl=3600)
     engine.start((DEFAULT_EMBEDDING_MODEL,))
     try:
         from sentence_transformers import SentenceTransformer

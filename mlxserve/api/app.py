@@ -8,7 +8,7 @@ from sanic import Sanic
 
 from mlxserve.api.errors import register_error_handler
 from mlxserve.api.images import ImagePolicy
-from mlxserve.api.routes import chat, completions, embeddings, models
+from mlxserve.api.routes import admin, chat, completions, embeddings, models
 
 
 def create_app(engine: Any, *, max_body_bytes: int, image_policy: ImagePolicy,
@@ -19,9 +19,12 @@ def create_app(engine: Any, *, max_body_bytes: int, image_policy: ImagePolicy,
     app.config.REQUEST_MAX_SIZE = max_body_bytes
     app.config.MOTD = False
     app.config.KEEP_ALIVE_TIMEOUT = 75
+    # Sanic's default (60 s) cuts off any response still running, which kills long generations
+    # on slow machines and every `log stream`; clients keep their own timeouts.
+    app.config.RESPONSE_TIMEOUT = 7 * 24 * 3600
     app.ctx.engine = engine
     app.ctx.image_policy = image_policy
-    for bp in (models.bp, chat.bp, completions.bp, embeddings.bp):
+    for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, admin.bp):
         app.blueprint(bp)
     register_error_handler(app)
 

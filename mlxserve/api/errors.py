@@ -8,7 +8,15 @@ from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
-from mlxserve.protocol import ConversionError, InvalidRequestError, MlxserveError, ModelNotFoundError
+from mlxserve.protocol import (
+    ConversionError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    MlxserveError,
+    ModelBusyError,
+    ModelNotAllowedError,
+    ModelNotFoundError,
+)
 
 log = logging.getLogger("mlxserve.api")
 
@@ -24,6 +32,9 @@ class APIError(MlxserveError):
 # Engine errors to HTTP statuses; the most specific class wins.
 _STATUS: list[tuple[type[MlxserveError], int]] = [
     (ModelNotFoundError, 404),
+    (ModelNotAllowedError, 403),
+    (ModelBusyError, 409),
+    (InsufficientMemoryError, 503),
     (ConversionError, 400),
     (InvalidRequestError, 400),
 ]

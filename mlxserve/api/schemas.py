@@ -175,7 +175,12 @@ PARAMS: tuple[Param, ...] = (
     Param("repeat_last_n", _integer(-1),
           "Window of `repeat_penalty`, default 64; 0 turns it off, -1 means the whole context.",
           extension="llama.cpp"),
+    Param("ttl", _number(1e-3, 1e9),
+          "Seconds the model may stay loaded while idle after this request (server default: `--ttl`, "
+          "60 minutes).", extension="LM Studio"),
 )
+
+PARAMS_BY_NAME = {p.name: p for p in PARAMS if p.endpoints == BOTH}
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -272,6 +277,7 @@ def _generation(values: dict[str, Any], logprobs: int | None, **inputs: Any) -> 
         stop=values.get("stop", ()),
         sampling=sampling,
         n=values.get("n", 1),
+        ttl=values.get("ttl"),
         logprobs=logprobs,
         **inputs,
     )
@@ -365,5 +371,11 @@ def parse_embedding(body: dict[str, Any]) -> ParsedEmbedding:
             dimensions = _integer(1)(dimensions)
         except _Invalid as exc:
             raise InvalidRequestError(f"'dimensions' {exc}", param="dimensions") from None
-    request = EmbeddingRequest(model=model, inputs=_embedding_inputs(body["input"]), dimensions=dimensions)
+    ttl = body.get("ttl")
+    if ttl is not None:
+        try:
+            ttl = PARAMS_BY_NAME["ttl"].parse(ttl)
+        except _Invalid as exc:
+            raise InvalidRequestError(f"'ttl' {exc}", param="ttl") from None
+    request = EmbeddingRequest(model=model, inputs=_embedding_inputs(body["input"]), dimensions=dimensions, ttl=ttl)
     return ParsedEmbedding(request, base64=encoding == "base64")

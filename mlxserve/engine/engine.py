@@ -12,6 +12,8 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable
 
+from mlxserve.engine.logs import LogHub
+from mlxserve.engine.manager import ModelManager
 from mlxserve.engine.scheduler import Scheduler
 from mlxserve.engine.store import ModelStore
 from mlxserve.protocol import (
@@ -20,6 +22,8 @@ from mlxserve.protocol import (
     EmbeddingResult,
     Event,
     GenerationRequest,
+    LoadedModel,
+    MemoryUsage,
     ModelInfo,
     Usage,
     WrongModelKindError,
@@ -57,9 +61,12 @@ class GenerationStream:
 
 
 class Engine:
-    def __init__(self, store: ModelStore):
+    def __init__(self, store: ModelStore, *, max_memory: int, default_ttl: float,
+                 allowed: frozenset[str] | None = None):
         self.store = store
-        self._scheduler = Scheduler(store.load)
+        self.manager = ModelManager(store, max_memory, default_ttl, allowed)
+        self.logs = LogHub()
+        self._scheduler = Scheduler(self.manager, self.logs)
         self._ids = itertools.count()
 
     def start(self, preload: tuple[str, ...] = ()) -> None:
@@ -67,19 +74,42 @@ class Engine:
         self._scheduler.start()
         for model_id in preload:
             self.store.path(model_id)
-            self._scheduler.preload(model_id)
+            self._scheduler.load(model_id)
 
     def stop(self) -> None:
         self._scheduler.stop()
 
     def list_models(self) -> list[ModelInfo]:
-        return self.store.list()
+        """Models on disk that this server may load."""
+        allowed = self.manager.allowed
+        return [m for m in self.store.list() if allowed is None or m.id in allowed]
 
     def get_model(self, model_id: str) -> ModelInfo:
-        return self.store.get(model_id)
+        info = self.store.get(model_id)
+        self.manager.check_allowed(model_id)
+        return info
+
+    def is_loaded(self, model_id: str) -> bool:
+        return self.manager.is_loaded(model_id)
+
+    async def load(self, model_id: str, ttl: float | None = None) -> LoadedModel:
+        """Load now (just-in-time loading does this for requests); returns the model as `ps` shows it."""
+        self.get_model(model_id)
+        await asyncio.to_thread(self._scheduler.load, model_id, ttl)
+        return next(m for m in await self.loaded() if m.id == model_id)
+
+    async def unload(self, model_id: str) -> bool:
+        self.store.path(model_id)
+        return await asyncio.to_thread(self._scheduler.unload, model_id)
+
+    async def loaded(self) -> list[LoadedModel]:
+        return await asyncio.to_thread(self._scheduler.loaded)
+
+    def memory(self) -> MemoryUsage:
+        return self.manager.memory()
 
     def _require(self, model_id: str, capability: str, endpoint: str, needs: str) -> ModelInfo:
-        info = self.store.get(model_id)
+        info = self.get_model(model_id)
         if capability not in info.capabilities:
             raise WrongModelKindError(f"The model '{model_id}' is {_KIND_LABELS[info.kind]}, but {endpoint} needs {needs}")
         return info

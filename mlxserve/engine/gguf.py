@@ -45,12 +45,9 @@ _LLAMA_GLOBAL_NAMES = {
     "output": "lm_head",
 }
 
-# GGML type ids (general.file_type) that mx.load cannot read, named for the error.
-_FILE_TYPE_NAMES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
-    10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S",
-    15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
-}
+# Tensor types that `mx.load` turns into MLX arrays without loss (quantized ones
+# as affine triples). It also reads BF16, but as float16, which can overflow.
+SUPPORTED_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
 
 
 @dataclass(frozen=True)
@@ -67,15 +64,36 @@ class GGUFModel:
         return value
 
 
+def check_tensor_types(path: Path) -> None:
+    """Refuse a file with tensor types mlxserve cannot import, naming them.
+
+    Read from the header with gguf-py (llama.cpp's own reader, memory-mapped), because
+    `mx.load` only says that a conversion failed.
+    """
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise ConversionError(f"{path.name} is not a readable GGUF file: {exc}") from exc
+    unsupported: dict[str, list[str]] = {}
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name not in SUPPORTED_TYPES:
+            unsupported.setdefault(tensor.tensor_type.name, []).append(tensor.name)
+    if unsupported:
+        found = "; ".join(f"{t} ({len(names)} tensors, e.g. {names[0]})" for t, names in unsupported.items())
+        raise ConversionError(
+            f"{path.name} has tensor types mlxserve cannot import: {found}. Supported: "
+            f"{', '.join(SUPPORTED_TYPES)}; use a GGUF quantized to one of those (e.g. Q4_0, Q8_0), "
+            "or an MLX model from the Hugging Face Hub (`mlxserve pull`).")
+
+
 def read_gguf(path: Path) -> GGUFModel:
-    """Read a GGUF file, turning MLX's terse failures into a message naming the type."""
+    check_tensor_types(path)
     try:
         tensors, metadata = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as exc:
-        raise ConversionError(
-            f"cannot read {path.name}: {exc}. mlxserve reads GGUF tensors of type "
-            "F32, F16, Q4_0, Q4_1 and Q8_0; re-quantize the model to one of those."
-        ) from exc
+        raise ConversionError(f"cannot read {path.name}: {exc}") from exc
     return GGUFModel(tensors, metadata)
 
 

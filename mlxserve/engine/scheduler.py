@@ -25,6 +25,8 @@ from mlxserve.engine.detokenize import IncrementalDetokenizer
 from mlxserve.engine.kinds.embed import EmbeddingModel
 from mlxserve.engine.kinds.text import TextModel
 from mlxserve.engine.logprobs import LogprobReporter
+from mlxserve.engine.logs import LogHub
+from mlxserve.engine.manager import ModelManager
 from mlxserve.engine.sampling import make_logits_processor, make_sampler
 from mlxserve.engine.stops import StopMatcher
 from mlxserve.protocol import (
@@ -36,7 +38,9 @@ from mlxserve.protocol import (
     FinishReason,
     GenerationRequest,
     InvalidRequestError,
+    LoadedModel,
     MlxserveError,
+    ModelBusyError,
     TextDelta,
     TokenLogprob,
     Usage,
@@ -45,7 +49,6 @@ from mlxserve.protocol import (
 log = logging.getLogger("mlxserve.engine")
 
 Sink = Callable[[object], None]
-ModelLoader = Callable[[str], "TextModel | EmbeddingModel"]
 
 PREFILL_STEP = 512
 # Sequences per embedding forward pass. Between two passes the engine runs a
@@ -135,18 +138,20 @@ class _EmbedJob:
 
 @dataclass
 class _Call:
-    """Run `fn` on the engine thread (used to load models ahead of requests)."""
+    """Run `fn` on the engine thread (load, unload, ps) and hand its result back."""
 
-    fn: Callable[[], None]
+    fn: Callable[[], object]
     done: threading.Event = field(default_factory=threading.Event)
+    result: object = None
     error: BaseException | None = None
 
 
 class _ModelRunner:
     """One loaded model's batch of running sequences."""
 
-    def __init__(self, model: TextModel):
+    def __init__(self, model: TextModel, logs: LogHub):
         self.model = model
+        self.logs = logs
         self.generator = self._new_generator()
         self.choices: dict[int, _Choice] = {}
 
@@ -166,11 +171,8 @@ class _ModelRunner:
         """Tokenize, check the context, and queue every choice; raise before any prefill on bad input."""
         req = active.request
         model = self.model
-        embeddings = None
-        if req.messages is not None:
-            tokens, embeddings = model.encode_chat(req.messages)
-        else:
-            tokens = model.encode_prompt(req.prompt)
+        encoded = model.encode_chat(req.messages) if req.messages is not None else model.encode_prompt(req.prompt)
+        tokens, embeddings = encoded.tokens, encoded.embeddings
         room = model.context_length - len(tokens)
         if room <= 0:
             raise ContextLengthExceededError(
@@ -190,6 +192,10 @@ class _ModelRunner:
         active.prompt_tokens = len(tokens)
         active.open_choices = req.n
         active.sink(Accepted(prompt_tokens=len(tokens), system_fingerprint=model.system_fingerprint))
+        self.logs.publish({"type": "request", "id": active.id, "model": model.name,
+                           "endpoint": "chat" if req.messages is not None else "completions",
+                           "prompt": encoded.text, "prompt_tokens": len(tokens), "cached_tokens": 0,
+                           "images": sum(len(m.images) for m in req.messages or ()), "n": req.n})
         reporter = None if req.logprobs is None else LogprobReporter(model.tokenizer, req.logprobs)
         choices = [
             _Choice(i, active, IncrementalDetokenizer(model.tokenizer), StopMatcher(req.stop), reporter)
@@ -264,6 +270,9 @@ class _ModelRunner:
         if text or (final and logprobs):
             choice.owner.sink(TextDelta(choice.index, text, tuple(logprobs)))
             choice.pending_logprobs = []
+            if text and self.logs.active:
+                self.logs.publish({"type": "output", "id": choice.owner.id, "model": self.model.name,
+                                   "index": choice.index, "text": text})
 
     def _finish(self, choice: _Choice, reason: FinishReason) -> None:
         """Generation ended (length or end-of-sequence): release held-back text, then end the choice."""
@@ -280,6 +289,8 @@ class _ModelRunner:
         owner.open_choices -= 1
         if owner.open_choices == 0:
             owner.sink(Usage(owner.prompt_tokens, owner.completion_tokens))
+            self.logs.publish({"type": "done", "id": owner.id, "model": self.model.name,
+                               "prompt_tokens": owner.prompt_tokens, "completion_tokens": owner.completion_tokens})
 
     def cancel(self, request_id: int) -> None:
         uids = [uid for uid, c in self.choices.items() if c.owner.id == request_id]
@@ -299,10 +310,14 @@ class _ModelRunner:
 
 
 class Scheduler:
-    def __init__(self, loader: ModelLoader):
-        self._loader = loader
+    # The idle loop wakes this often to unload models whose TTL ran out.
+    IDLE_TICK = 0.5
+
+    def __init__(self, manager: ModelManager, logs: LogHub):
+        self.manager = manager
+        self.logs = logs
+        manager.on_unload = self._drop
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._models: dict[str, TextModel | EmbeddingModel] = {}
         self._runners: dict[str, _ModelRunner] = {}
         self._embed_jobs: deque[_EmbedJob] = deque()
         self._thread = threading.Thread(target=self._run, name="mlxserve-engine", daemon=True)
@@ -325,36 +340,59 @@ class Scheduler:
     def cancel(self, request_id: int) -> None:
         self._commands.put(_Cancel(request_id))
 
-    def preload(self, model_id: str) -> None:
-        """Load `model_id` on the engine thread and wait; raises what loading raised."""
-        call = _Call(lambda: self._model(model_id) and None)
+    def call(self, fn: Callable[[], object]) -> object:
+        """Run `fn` on the engine thread and wait for its result (or its exception)."""
+        call = _Call(fn)
         self._commands.put(call)
         call.done.wait()
         if call.error is not None:
             raise call.error
+        return call.result
+
+    def load(self, model_id: str, ttl: float | None = None) -> None:
+        self.call(lambda: self.manager.acquire(model_id, ttl, self._busy) and None)
+
+    def unload(self, model_id: str) -> bool:
+        def run() -> bool:
+            if self._busy(model_id):
+                raise ModelBusyError(f"The model '{model_id}' is serving {self._in_flight(model_id)} "
+                                     "request(s); unload it when they finish")
+            return self.manager.unload(model_id)
+        return self.call(run)
+
+    def loaded(self) -> list[LoadedModel]:
+        return self.call(lambda: self.manager.snapshot(self._in_flight))
 
     # --- engine thread --------------------------------------------------------
 
-    def _model(self, model_id: str) -> TextModel | EmbeddingModel:
-        if model_id not in self._models:
-            self._models[model_id] = self._loader(model_id)
-        return self._models[model_id]
+    def _busy(self, model_id: str) -> bool:
+        return self._in_flight(model_id) > 0
 
-    def _runner(self, model_id: str) -> _ModelRunner:
+    def _in_flight(self, model_id: str) -> int:
+        runner = self._runners.get(model_id)
+        requests = {c.owner.id for c in runner.choices.values()} if runner else set()
+        return len(requests) + sum(1 for j in self._embed_jobs if j.model.name == model_id)
+
+    def _drop(self, model_id: str) -> None:
+        self._runners.pop(model_id, None)
+
+    def _runner(self, model_id: str, ttl: float | None) -> _ModelRunner:
+        model = self.manager.acquire(model_id, ttl, self._busy)
         if model_id not in self._runners:
-            self._runners[model_id] = _ModelRunner(self._model(model_id))
+            self._runners[model_id] = _ModelRunner(model, self.logs)
         return self._runners[model_id]
 
     def _handle(self, command: object) -> None:
         if isinstance(command, _Submit):
             active = _Request(command.id, command.request, command.sink)
             try:
-                self._runner(command.request.model).add(active)
+                self._runner(command.request.model, command.request.ttl).add(active)
             except MlxserveError as exc:
                 command.sink(exc)
         elif isinstance(command, _Embed):
             try:
-                self._embed_jobs.append(_EmbedJob.create(command, self._model(command.request.model)))
+                model = self.manager.acquire(command.request.model, command.request.ttl, self._busy)
+                self._embed_jobs.append(_EmbedJob.create(command, model))
             except MlxserveError as exc:
                 command.sink(exc)
         elif isinstance(command, _Cancel):
@@ -363,7 +401,7 @@ class Scheduler:
             self._embed_jobs = deque(j for j in self._embed_jobs if j.id != command.id)
         elif isinstance(command, _Call):
             try:
-                command.fn()
+                command.result = command.fn()
             except BaseException as exc:  # handed back to the waiting caller
                 command.error = exc
             command.done.set()
@@ -381,8 +419,13 @@ class Scheduler:
             job.sink(exc)
 
     def _pending_commands(self, block: bool) -> list[object]:
-        """Everything queued now; when idle, wait for at least one command."""
-        commands = [self._commands.get()] if block else []
+        """Everything queued now; when idle, wait (a tick at most) for a command."""
+        commands = []
+        if block:
+            try:
+                commands.append(self._commands.get(timeout=self.IDLE_TICK))
+            except queue.Empty:
+                return commands
         while not self._commands.empty():
             commands.append(self._commands.get_nowait())
         return commands
@@ -407,3 +450,4 @@ class Scheduler:
                     except Exception as exc:
                         log.exception("generation step failed for %s", runner.model.name)
                         runner.fail_all(exc)
+            self.manager.expire(self._busy)

@@ -21,6 +21,15 @@ from mlxserve.protocol import ChatMessage, InvalidRequestError
 
 
 @dataclass
+class EncodedPrompt:
+    """What the model receives: `text` as the log shows it (images as placeholders), and its tokens."""
+
+    text: str
+    tokens: list[int]
+    embeddings: mx.array | None = None  # set for prompts with images
+
+
+@dataclass
 class TextModel:
     name: str
     model: nn.Module
@@ -56,23 +65,24 @@ class TextModel:
                 f"The model's chat template rejected these messages: {exc}", param="messages"
             ) from exc
 
-    def encode_chat(self, messages: tuple[ChatMessage, ...]) -> tuple[list[int], mx.array | None]:
-        """Prompt token ids, plus input embeddings when the messages hold images."""
+    def encode_chat(self, messages: tuple[ChatMessage, ...]) -> EncodedPrompt:
+        """The templated prompt, its token ids, and input embeddings when the messages hold images."""
         if self.vision is not None:  # its template expects content parts, images or not
             return self.vision.encode(messages, self.name)
+        text = self.render_chat(messages)
         # The rendered template already holds any BOS it wants; adding special
         # tokens again would double it.
-        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False), None
+        return EncodedPrompt(text, self.tokenizer.encode(text, add_special_tokens=False))
 
-    def encode_prompt(self, prompt: str | tuple[int, ...]) -> list[int]:
+    def encode_prompt(self, prompt: str | tuple[int, ...]) -> EncodedPrompt:
         if isinstance(prompt, tuple):
             vocab = len(self.tokenizer)
             if any(t < 0 or t >= vocab for t in prompt):
                 raise InvalidRequestError(
                     f"prompt token ids must be in [0, {vocab})", param="prompt"
                 )
-            return list(prompt)
-        return self.tokenizer.encode(prompt, add_special_tokens=True)
+            return EncodedPrompt(self.tokenizer.decode(list(prompt)), list(prompt))
+        return EncodedPrompt(prompt, self.tokenizer.encode(prompt, add_special_tokens=True))
 
 
 def _generation_config(path: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from mlx_lm.utils import _get_classes
 from PIL import Image
 
 from mlxserve.engine.cpu import optimize_for_cpu
-from mlxserve.engine.kinds.text import TextModel, text_model_from
+from mlxserve.engine.kinds.text import EncodedPrompt, TextModel, text_model_from
 from mlxserve.protocol import ChatMessage, InvalidRequestError
 
 # mlx-vlm model types whose language model mlx-lm can run from input embeddings, with the
@@ -45,7 +45,7 @@ class VisionTower:
     processor: Any
     max_images: int
 
-    def encode(self, messages: tuple[ChatMessage, ...], model_name: str) -> tuple[list[int], mx.array | None]:
+    def encode(self, messages: tuple[ChatMessage, ...], model_name: str) -> EncodedPrompt:
         """Token ids (image placeholders expanded by the processor) and, with images, their input embeddings."""
         images = [part for m in messages for part in m.images]
         if len(images) > self.max_images:
@@ -57,13 +57,13 @@ class VisionTower:
                                               for p in m.parts]} for m in messages]
         prompt = self.processor.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
         if not images:
-            return self.processor.tokenizer.encode(prompt, add_special_tokens=False), None
+            return EncodedPrompt(prompt, self.processor.tokenizer.encode(prompt, add_special_tokens=False))
         pictures = [_first_frame(image.data) for image in images]
         inputs = self.processor(text=[prompt], images=[pictures], return_tensors="np")
         ids = mx.array(inputs["input_ids"])
         kwargs = {k: mx.array(v) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         embeddings = self.vlm.get_input_embeddings(ids, **kwargs).inputs_embeds
-        return ids[0].tolist(), embeddings[0]
+        return EncodedPrompt(prompt, ids[0].tolist(), embeddings[0])
 
 
 def _first_frame(data: bytes) -> Image.Image:

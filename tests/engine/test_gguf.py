@@ -1,0 +1,74 @@
+"""`mlxserve import FILE.gguf`: every tensor type mx.load reads, kept exactly; others refused by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from tests.fixtures.cli import mlxserve
+from tests.fixtures.gguf_rewrite import quantized
+from tests.fixtures.tiny_gguf import write_tiny_gguf
+
+BITS = {"F32": None, "F16": None, "Q8_0": 8, "Q4_0": 4, "Q4_1": 4}
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf")
+
+
+def _dequantized(model_dir: Path, module: str, config: dict) -> np.ndarray:
+    weights = mx.load(str(model_dir / "model.safetensors"))
+    q = config.get("quantization")
+    if q is None:
+        return np.array(weights[module + ".weight"].astype(mx.float32))
+    scales, biases = (weights[f"{module}.{n}"].astype(mx.float32) for n in ("scales", "biases"))
+    return np.array(mx.dequantize(weights[module + ".weight"], scales, biases,
+                                  group_size=q["group_size"], bits=q["bits"]))
+
+
+@pytest.mark.parametrize("type_name", BITS)
+def test_import_keeps_each_tensor_type_exactly(f32_gguf: Path, tmp_path: Path, type_name: str):
+    source = f32_gguf if type_name == "F32" else quantized(f32_gguf, tmp_path / f"tiny-{type_name}.gguf", type_name)
+    result = mlxserve(tmp_path, "import", str(source), "--name", "imported")
+    model_dir = tmp_path / "models" / "imported"
+    assert result.stdout.strip() == str(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert (config.get("quantization") or {}).get("bits") == BITS[type_name]
+    original = next(t for t in GGUFReader(source).tensors if t.name == "blk.1.ffn_down.weight")
+    expected = dequantize(original.data, original.tensor_type).reshape(64, 128)
+    np.testing.assert_allclose(_dequantized(model_dir, "model.layers.1.mlp.down_proj", config), expected,
+                               rtol=0, atol=1e-6)
+    listed = json.loads(mlxserve(tmp_path, "ls", "--json").stdout)
+    assert listed[0]["id"] == "imported" and listed[0]["architecture"] == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1"])
+def test_other_tensor_types_are_refused_by_name(f32_gguf: Path, tmp_path: Path, type_name: str):
+    source = quantized(f32_gguf, tmp_path / "tiny.gguf", type_name)
+    result = mlxserve(tmp_path, "import", str(source), check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert type_name in result.stderr and "Q4_0" in result.stderr
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_import_does_not_overwrite_without_force(f32_gguf: Path, tmp_path: Path):
+    mlxserve(tmp_path, "import", str(f32_gguf))
+    again = mlxserve(tmp_path, "import", str(f32_gguf), check=False)
+    assert again.returncode != 0 and "--force" in again.stderr
+    mlxserve(tmp_path, "import", str(f32_gguf), "--force")
+    assert [m["id"] for m in json.loads(mlxserve(tmp_path, "ls", "--json").stdout)] == ["tiny-f32"]
+
+
+def test_rm_deletes_a_model(f32_gguf: Path, tmp_path: Path):
+    mlxserve(tmp_path, "import", str(f32_gguf), "--name", "doomed")
+    assert "Removed doomed" in mlxserve(tmp_path, "rm", "doomed").stdout
+    assert json.loads(mlxserve(tmp_path, "ls", "--json").stdout) == []
+    missing = mlxserve(tmp_path, "rm", "doomed", check=False)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
