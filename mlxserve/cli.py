@@ -52,6 +52,16 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--ttl", type=float, default=None, metavar="SECONDS",
                        help="unload a model after it has been idle this long; a request or `load` may set "
                             "its own `ttl` (default: 3600)")
+    serve.add_argument("--prompt-cache", dest="prompt_cache_bytes", type=_bytes_arg, default=None, metavar="SIZE",
+                       help="memory for the KV caches of recent prompts, per loaded model, reused by requests "
+                            "that start with the same tokens; 0 turns it off (default: 1/16 of physical "
+                            "memory, at most 4GB)")
+    serve.add_argument("--max-concurrent", type=_count(1), default=None, metavar="N",
+                       help="sequences each model generates at once, in one batch (default: 32)")
+    serve.add_argument("--max-queue", type=_count(0), default=None, metavar="N",
+                       help="requests that may wait for a slot; beyond that, 503 with Retry-After (default: 64)")
+    serve.add_argument("--stall-seconds", type=float, default=None, metavar="SECONDS",
+                       help="/health reports unhealthy when the engine loop is stuck this long (default: 60)")
     serve.add_argument("--allow-model", dest="allowed_models", action="append", metavar="NAME",
                        help="only these models may be loaded; repeat for several (default: any model on disk)")
     serve.add_argument("--max-body-mb", type=float, default=64,
@@ -147,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {text!r}")
+        return int(text)
+    return parse
+
+
 def _bytes_arg(text: str) -> int:
     try:
         return parse_bytes(text)
@@ -156,7 +174,8 @@ def _bytes_arg(text: str) -> int:
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = Settings(home=args.home or default_home())
-    for key in ("host", "port", "log_level", "remote_images", "image_folder", "max_memory"):
+    for key in ("host", "port", "log_level", "remote_images", "image_folder", "max_memory", "prompt_cache_bytes",
+                "max_concurrent", "max_queue", "stall_seconds"):
         if getattr(args, key, None) is not None:
             setattr(settings, key, getattr(args, key))
     if getattr(args, "max_body_mb", None) is not None:
@@ -195,7 +214,9 @@ def _serve(settings: Settings) -> None:
 
     _ensure_models(settings)
     engine = Engine(ModelStore(settings.models_dir), max_memory=settings.max_memory,
-                    default_ttl=settings.default_ttl, allowed=settings.allowed_models)
+                    default_ttl=settings.default_ttl, allowed=settings.allowed_models,
+                    prompt_cache_bytes=settings.prompt_cache_bytes, max_concurrent=settings.max_concurrent,
+                    max_queue=settings.max_queue, stall_seconds=settings.stall_seconds)
     images = ImagePolicy(max_bytes=settings.max_image_bytes, allow_remote=settings.remote_images,
                          file_folder=settings.image_folder)
     app = create_app(engine, max_body_bytes=settings.max_body_bytes, image_policy=images,

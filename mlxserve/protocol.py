@@ -129,6 +129,7 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV state came from the prompt cache
 
     @property
     def total_tokens(self) -> int:
@@ -168,6 +169,18 @@ class LoadedModel:
     @property
     def expires_in_seconds(self) -> float:
         return max(0.0, self.ttl_seconds - self.idle_seconds) if self.requests_in_flight == 0 else self.ttl_seconds
+
+
+@dataclass(frozen=True)
+class Health:
+    """What /health reports: whether the engine loop still turns, and how loaded the server is."""
+
+    healthy: bool
+    loop_stalled_seconds: float  # since the engine loop last completed a turn
+    active_requests: int  # accepted and not finished (generating, or waiting for a slot)
+    queue_depth: int  # waiting for a generation slot
+    max_concurrent: int
+    max_queue: int
 
 
 @dataclass(frozen=True)
@@ -247,6 +260,13 @@ class InsufficientMemoryError(MlxserveError):
     """Loading the model would exceed the memory budget even after unloading idle models."""
 
     code = "insufficient_memory"
+
+
+class ServerBusyError(MlxserveError):
+    """Every generation slot is taken and the queue of waiting requests is full."""
+
+    code = "server_busy"
+    retry_after: int = 2  # seconds a client should wait before trying again
 
 
 class ContextLengthExceededError(InvalidRequestError):

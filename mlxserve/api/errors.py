@@ -16,6 +16,7 @@ from mlxserve.protocol import (
     ModelBusyError,
     ModelNotAllowedError,
     ModelNotFoundError,
+    ServerBusyError,
 )
 
 log = logging.getLogger("mlxserve.api")
@@ -35,6 +36,7 @@ _STATUS: list[tuple[type[MlxserveError], int]] = [
     (ModelNotAllowedError, 403),
     (ModelBusyError, 409),
     (InsufficientMemoryError, 503),
+    (ServerBusyError, 503),
     (ConversionError, 400),
     (InvalidRequestError, 400),
 ]
@@ -60,7 +62,10 @@ def _status_of(exc: MlxserveError) -> int:
 
 async def _handle(request: Request, exc: Exception) -> HTTPResponse:
     if isinstance(exc, MlxserveError):
-        return error_response(_status_of(exc), exc.message, exc.param, exc.code)
+        response = error_response(_status_of(exc), exc.message, exc.param, exc.code)
+        if isinstance(exc, ServerBusyError):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     if isinstance(exc, SanicException):
         status = exc.status_code
         message = str(exc) or "Request failed"

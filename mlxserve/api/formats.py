@@ -15,11 +15,12 @@ from typing import Any
 from mlxserve.protocol import TokenLogprob, Usage
 
 
-def usage_object(usage: Usage) -> dict[str, int]:
+def usage_object(usage: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
 
 

@@ -2,8 +2,13 @@
 
 On MLX's CPU device, float16 arithmetic is emulated and slow, and quantized
 matmuls run on one core; dense float32 matmuls go through BLAS and use every
-core. Measured on SmolLM2-135M (2-core x86, OpenBLAS): 4-bit with float16
-scales 10 tok/s, 4-bit with float32 scales 11 tok/s, dense float32 24 tok/s.
+core. Measured on SmolLM2-135M (2-core x86, OpenBLAS, raw decode loop): 4-bit
+10 tok/s, dense float32 13.4 tok/s, dense float32 with matrix-vector products 18.5 tok/s.
+
+MLX computes a one-token decode step's `x @ W.T` with BLAS's sgemm, and OpenBLAS's sgemm
+with one or two rows streams the weights at about a quarter of the speed of its sgemv
+(SmolLM2's 49152x576 output layer: 12 ms against 2.9 ms). Dense layers therefore hand one-
+and two-row inputs to numpy, whose `W @ x` is a gemv on BLAS, reading MLX's weights in place.
 On Apple silicon and CUDA nothing here runs: quantized weights stay on the GPU.
 """
 
@@ -13,6 +18,7 @@ import logging
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
 log = logging.getLogger("mlxserve.engine")
@@ -36,18 +42,56 @@ def _dense_bytes(model: nn.Module) -> int:
     return total
 
 
+# Inputs of up to this many rows go through numpy's gemv, one row at a time; from 4 rows on,
+# sgemm is as fast as repeated gemv (measured on the 49152x576 layer: 2 rows 7.4 ms against
+# 15.4 ms, 4 rows 14.7 against 15.4).
+GEMV_MAX_ROWS = 2
+
+
+def _times_transpose(x: mx.array, weight: mx.array) -> mx.array:
+    """`x @ weight.T`, with few-row inputs (decode steps) as BLAS matrix-vector products."""
+    rows = x.size // x.shape[-1]
+    if rows > GEMV_MAX_ROWS:
+        return x @ weight.T
+    flat = np.asarray(x).reshape(rows, -1)
+    matrix = np.asarray(weight)  # a view of MLX's buffer, not a copy
+    return mx.array(np.stack([matrix @ row for row in flat])).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class GemvLinear(nn.Linear):
+    """A float32 Linear layer whose decode steps run as gemv (see the module docstring)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = _times_transpose(x, self.weight)
+        return y + self.bias if "bias" in self else y
+
+
+class GemvEmbedding(nn.Embedding):
+    """A float32 embedding whose use as the (tied) output layer runs decode steps as gemv."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _times_transpose(x, self.weight)
+
+
 def _dense(module: nn.Module) -> nn.Module:
     weight = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits,
-                           mode=getattr(module, "mode", "affine")).astype(mx.float32)
+                           mode=getattr(module, "mode", "affine"))
     if isinstance(module, nn.QuantizedEmbedding):
         dense = nn.Embedding(*weight.shape)
-        dense.weight = weight
-        return dense
-    dense = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+    else:
+        dense = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+        if "bias" in module:
+            dense.bias = module.bias
     dense.weight = weight
-    if "bias" in module:
-        dense.bias = module.bias.astype(mx.float32)
     return dense
+
+
+def _gemv(module: nn.Module) -> nn.Module:
+    """The same layer, same arrays, with gemv decode steps."""
+    gemv = GemvEmbedding(*module.weight.shape) if isinstance(module, nn.Embedding) else \
+        GemvLinear(module.weight.shape[1], module.weight.shape[0], bias="bias" in module)
+    gemv.update(module.parameters())
+    return gemv
 
 
 def optimize_for_cpu(model: nn.Module) -> None:
@@ -61,6 +105,8 @@ def optimize_for_cpu(model: nn.Module) -> None:
         log.info("CPU: dequantized %d layers to float32", len(replacements))
     model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a,
                           model.parameters()))
+    model.update_modules(tree_unflatten([(path, _gemv(m)) for path, m in model.named_modules()
+                                         if type(m) in (nn.Linear, nn.Embedding)]))
     mx.eval(model.parameters())
 
 

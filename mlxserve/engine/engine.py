@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable
 
 from mlxserve.engine.logs import LogHub
@@ -22,9 +23,11 @@ from mlxserve.protocol import (
     EmbeddingResult,
     Event,
     GenerationRequest,
+    Health,
     LoadedModel,
     MemoryUsage,
     ModelInfo,
+    ServerBusyError,
     Usage,
     WrongModelKindError,
 )
@@ -37,36 +40,47 @@ _KIND_LABELS = {"text": "a chat (text generation) model", "vision": "a vision-la
 class GenerationStream:
     """The events of one request; `cancel()` stops its generation (safe to call twice)."""
 
-    def __init__(self, events: asyncio.Queue, accepted: Accepted, cancel: Callable[[], None]):
+    def __init__(self, events: asyncio.Queue, accepted: Accepted, cancel: Callable[[], None],
+                 closed: Callable[[], None]):
         self._events = events
         self.prompt_tokens = accepted.prompt_tokens
         self.system_fingerprint = accepted.system_fingerprint
         self._cancel = cancel
+        self._closed = closed
         self._done = False
+
+    def _close(self) -> None:
+        self._done = True
+        self._closed()
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         while not self._done:
             event = await self._events.get()
             if isinstance(event, BaseException):
-                self._done = True
+                self._close()
                 raise event
             if isinstance(event, Usage):
-                self._done = True
+                self._close()
             yield event
 
     def cancel(self) -> None:
         if not self._done:
-            self._done = True
+            self._close()
             self._cancel()
 
 
 class Engine:
     def __init__(self, store: ModelStore, *, max_memory: int, default_ttl: float,
-                 allowed: frozenset[str] | None = None):
+                 allowed: frozenset[str] | None = None, prompt_cache_bytes: int = 0,
+                 max_concurrent: int = 32, max_queue: int = 64, stall_seconds: float = 60):
         self.store = store
         self.manager = ModelManager(store, max_memory, default_ttl, allowed)
         self.logs = LogHub()
-        self._scheduler = Scheduler(self.manager, self.logs)
+        self._scheduler = Scheduler(self.manager, self.logs, prompt_cache_bytes, max_concurrent)
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.stall_seconds = stall_seconds
+        self._active = 0  # requests accepted and not finished, counted on the asyncio side
         self._ids = itertools.count()
 
     def start(self, preload: tuple[str, ...] = ()) -> None:
@@ -108,6 +122,23 @@ class Engine:
     def memory(self) -> MemoryUsage:
         return self.manager.memory()
 
+    def health(self) -> Health:
+        stalled = time.monotonic() - self._scheduler.heartbeat
+        return Health(healthy=stalled <= self.stall_seconds, loop_stalled_seconds=stalled,
+                      active_requests=self._active, queue_depth=max(0, self._active - self.max_concurrent),
+                      max_concurrent=self.max_concurrent, max_queue=self.max_queue)
+
+    def _admit(self) -> None:
+        """Count a new request in, or refuse it when every slot and every queue place is taken."""
+        if self._active >= self.max_concurrent + self.max_queue:
+            raise ServerBusyError(f"The server is busy: {self._active} requests are running or waiting "
+                                  f"(at most {self.max_concurrent} run at once and {self.max_queue} wait). "
+                                  "Try again shortly.")
+        self._active += 1
+
+    def _release(self) -> None:
+        self._active -= 1
+
     def _require(self, model_id: str, capability: str, endpoint: str, needs: str) -> ModelInfo:
         info = self.get_model(model_id)
         if capability not in info.capabilities:
@@ -146,14 +177,23 @@ class Engine:
             raise WrongModelKindError(
                 f"The model '{request.model}' does not accept images (its capabilities: "
                 f"{', '.join(capabilities)}); send text only or use a vision model", param=images[0].where)
-        request_id, events, first = await self._first_event(
-            lambda rid, sink: self._scheduler.submit(rid, request, sink))
+        self._admit()
+        try:
+            request_id, events, first = await self._first_event(
+                lambda rid, sink: self._scheduler.submit(rid, request, sink))
+        except BaseException:
+            self._release()
+            raise
         assert isinstance(first, Accepted)
-        return GenerationStream(events, first, lambda: self._scheduler.cancel(request_id))
+        return GenerationStream(events, first, lambda: self._scheduler.cancel(request_id), self._release)
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         """Embed every input, batched on the engine thread; raises the client's MlxserveError."""
         self._require(request.model, "embeddings", "/v1/embeddings", "an embedding model")
-        _, _, result = await self._first_event(lambda rid, sink: self._scheduler.embed(rid, request, sink))
+        self._admit()
+        try:
+            _, _, result = await self._first_event(lambda rid, sink: self._scheduler.embed(rid, request, sink))
+        finally:
+            self._release()
         assert isinstance(result, EmbeddingResult)
         return result

@@ -9,17 +9,19 @@ and hands them to the request's sink, which forwards them to the asyncio loop.
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from mlxserve.engine.detokenize import IncrementalDetokenizer
 from mlxserve.engine.kinds.embed import EmbeddingModel
@@ -64,6 +66,7 @@ class _Request:
     sink: Sink
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     open_choices: int = 0
 
 
@@ -76,6 +79,7 @@ class _Choice:
     reporter: LogprobReporter | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     uid: int = -1
+    cacheable: bool = True  # its KV state may go to the prompt cache (not for image prompts)
 
 
 @dataclass
@@ -146,20 +150,34 @@ class _Call:
     error: BaseException | None = None
 
 
-class _ModelRunner:
-    """One loaded model's batch of running sequences."""
+# Prompt-cache entries per model; the byte budget (a server setting) is the real bound.
+PROMPT_CACHE_ENTRIES = 64
 
-    def __init__(self, model: TextModel, logs: LogHub):
+
+class _ModelRunner:
+    """One loaded model's batch of running sequences, and its prompt (KV prefix) cache.
+
+    The cache is mlx-lm's LRUPromptCache: a trie of token sequences whose finished KV caches are
+    kept, bounded in bytes. A new prompt starts from the longest cached prefix of its own tokens
+    (copied, trimmed to the common prefix), so entries are only ever reused for identical tokens.
+    Image prompts are neither looked up nor stored: their placeholder tokens do not identify the image.
+    """
+
+    def __init__(self, model: TextModel, logs: LogHub, cache_bytes: int, max_sequences: int):
         self.model = model
         self.logs = logs
+        self.max_sequences = max_sequences
         self.generator = self._new_generator()
         self.choices: dict[int, _Choice] = {}
+        self.prompt_cache = LRUPromptCache(PROMPT_CACHE_ENTRIES, cache_bytes) if cache_bytes > 0 else None
 
     def _new_generator(self) -> BatchGenerator:
         return BatchGenerator(
             self.model.model,
             stop_tokens=[[t] for t in sorted(self.model.stop_token_ids)],
             prefill_step_size=PREFILL_STEP,
+            completion_batch_size=self.max_sequences,
+            prefill_batch_size=min(8, self.max_sequences),
             stream=mx.new_stream(mx.default_device()),
         )
 
@@ -191,24 +209,24 @@ class _ModelRunner:
         temperature = model.default_temperature if req.sampling.temperature is None else req.sampling.temperature
         active.prompt_tokens = len(tokens)
         active.open_choices = req.n
-        active.sink(Accepted(prompt_tokens=len(tokens), system_fingerprint=model.system_fingerprint))
-        self.logs.publish({"type": "request", "id": active.id, "model": model.name,
-                           "endpoint": "chat" if req.messages is not None else "completions",
-                           "prompt": encoded.text, "prompt_tokens": len(tokens), "cached_tokens": 0,
-                           "images": sum(len(m.images) for m in req.messages or ()), "n": req.n})
         reporter = None if req.logprobs is None else LogprobReporter(model.tokenizer, req.logprobs)
         choices = [
-            _Choice(i, active, IncrementalDetokenizer(model.tokenizer), StopMatcher(req.stop), reporter)
+            _Choice(i, active, IncrementalDetokenizer(model.tokenizer), StopMatcher(req.stop), reporter,
+                    cacheable=embeddings is None)
             for i in range(req.n)
         ]
         # Seeded choices of one request differ from each other but repeat across runs.
         seeds = [None if req.sampling.seed is None else req.sampling.seed + i for i in range(req.n)]
-        prompts, caches, history = [tokens] * req.n, None, None
         if embeddings is not None:
             # Image prompts are prefilled from their embeddings here; the batch generator
             # continues from that cache with the last (text) token, as for a cached prefix.
             prompts, history = [tokens[-1:]] * req.n, [tokens[:-1]] * req.n
             caches = [self._prefill(tokens[:-1], embeddings[:-1]) for _ in range(req.n)]
+        else:
+            cache, rest = self._cached_prefix(tokens)
+            active.cached_tokens = len(tokens) - len(rest)
+            prompts, history = [rest] * req.n, [tokens[: active.cached_tokens]] * req.n
+            caches = None if cache is None else [cache] + [copy.deepcopy(cache) for _ in range(req.n - 1)]
         uids = self.generator.insert(
             prompts,
             max_tokens=[max_tokens] * req.n,
@@ -220,6 +238,30 @@ class _ModelRunner:
         for uid, choice in zip(uids, choices):
             choice.uid = uid
             self.choices[uid] = choice
+        active.sink(Accepted(prompt_tokens=len(tokens), system_fingerprint=model.system_fingerprint))
+        self.logs.publish({"type": "request", "id": active.id, "model": model.name,
+                           "endpoint": "chat" if req.messages is not None else "completions",
+                           "prompt": encoded.text, "prompt_tokens": len(tokens),
+                           "cached_tokens": active.cached_tokens,
+                           "images": sum(len(m.images) for m in req.messages or ()), "n": req.n})
+
+    def _cached_prefix(self, tokens: list[int]) -> tuple[list | None, list[int]]:
+        """A copy of the KV cache of the longest cached prefix of `tokens`, and the tokens left to prefill."""
+        if self.prompt_cache is None:
+            return None, tokens
+        cache, rest = self.prompt_cache.fetch_nearest_cache(self.model.name, tokens)
+        if cache is not None and not rest:
+            # The whole prompt is cached: recompute its last token, whose logits start the answer.
+            if not can_trim_prompt_cache(cache):
+                return None, tokens
+            trim_prompt_cache(cache, 1)
+            rest = tokens[-1:]
+        return cache, rest
+
+    def _remember(self, choice: _Choice, response: GenerationBatch.Response) -> None:
+        """Keep a finished sequence's KV cache for later prompts that share its tokens."""
+        if self.prompt_cache is not None and choice.cacheable and response.prompt_cache is not None:
+            self.prompt_cache.insert_cache(self.model.name, list(response.all_tokens), response.prompt_cache)
 
     def _prefill(self, tokens: list[int], embeddings: mx.array) -> list:
         cache = make_prompt_cache(self.model.model)
@@ -236,6 +278,8 @@ class _ModelRunner:
             choice = self.choices.get(r.uid)
             if choice is None:
                 continue
+            if r.finish_reason is not None:
+                self._remember(choice, r)
             if r.finish_reason == "stop" and r.token in self.model.stop_token_ids:
                 self._finish(choice, "stop")
                 continue
@@ -288,9 +332,10 @@ class _ModelRunner:
         owner.sink(ChoiceFinished(choice.index, reason))
         owner.open_choices -= 1
         if owner.open_choices == 0:
-            owner.sink(Usage(owner.prompt_tokens, owner.completion_tokens))
+            owner.sink(Usage(owner.prompt_tokens, owner.completion_tokens, owner.cached_tokens))
             self.logs.publish({"type": "done", "id": owner.id, "model": self.model.name,
-                               "prompt_tokens": owner.prompt_tokens, "completion_tokens": owner.completion_tokens})
+                               "prompt_tokens": owner.prompt_tokens, "cached_tokens": owner.cached_tokens,
+                               "completion_tokens": owner.completion_tokens})
 
     def cancel(self, request_id: int) -> None:
         uids = [uid for uid, c in self.choices.items() if c.owner.id == request_id]
@@ -313,9 +358,13 @@ class Scheduler:
     # The idle loop wakes this often to unload models whose TTL ran out.
     IDLE_TICK = 0.5
 
-    def __init__(self, manager: ModelManager, logs: LogHub):
+    def __init__(self, manager: ModelManager, logs: LogHub, prompt_cache_bytes: int, max_concurrent: int):
         self.manager = manager
         self.logs = logs
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self.max_concurrent = max_concurrent
+        # When the loop last began a turn; /health calls the engine stuck when this gets old.
+        self.heartbeat = time.monotonic()
         manager.on_unload = self._drop
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._runners: dict[str, _ModelRunner] = {}
@@ -379,7 +428,7 @@ class Scheduler:
     def _runner(self, model_id: str, ttl: float | None) -> _ModelRunner:
         model = self.manager.acquire(model_id, ttl, self._busy)
         if model_id not in self._runners:
-            self._runners[model_id] = _ModelRunner(model, self.logs)
+            self._runners[model_id] = _ModelRunner(model, self.logs, self.prompt_cache_bytes, self.max_concurrent)
         return self._runners[model_id]
 
     def _handle(self, command: object) -> None:
@@ -432,6 +481,7 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
+            self.heartbeat = time.monotonic()
             busy = bool(self._embed_jobs) or any(r.busy for r in self._runners.values())
             for command in self._pending_commands(block=not busy):
                 if command is None:

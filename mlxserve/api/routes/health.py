@@ -1,0 +1,21 @@
+"""GET /health: for load balancers, service managers and `mlxserve server status`.
+
+Healthy means the engine loop still turns, not merely that HTTP answers: a loop stuck for longer
+than the server's stall limit makes this a 503, while requests may still be accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse, json
+
+bp = Blueprint("health")
+
+
+@bp.get("/health")
+async def health(request: Request) -> HTTPResponse:
+    report = request.app.ctx.engine.health()
+    body = {"status": "ok" if report.healthy else "unhealthy", **asdict(report)}
+    return json(body, status=200 if report.healthy else 503)

