@@ -3,42 +3,73 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from mlxserve import __version__, blas, daemon
+from mlxserve import __version__, blas, daemon, logsetup, service
+from mlxserve.service import PLATFORMS, current_platform
 from mlxserve.client import AdminClient, ClientError
 from mlxserve.engine.bundled import BUNDLED, install_bundled
 from mlxserve.protocol import ConversionError, MlxserveError
-from mlxserve.settings import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL, Settings, default_home, human_bytes, parse_bytes
+from mlxserve.settings import (
+    DEFAULT_CHAT_MODEL,
+    DEFAULT_EMBEDDING_MODEL,
+    OPTIONS_BY_NAME,
+    ConfigError,
+    Settings,
+    describe,
+    human_bytes,
+    config_path,
+    resolve,
+)
 
 BUILTIN_NAMES = tuple(BUNDLED)
+
+
+def _arg(name: str):
+    """argparse type for option `name`: the same parser as the config file and environment."""
+    option = OPTIONS_BY_NAME[name]
+
+    def parse(text: str) -> object:
+        try:
+            return option.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name
+    return parse
 
 
 def _add_home(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--home", type=Path, default=None,
-        help="mlxserve's home directory; models live in HOME/models "
-             "(default: $MLXSERVE_HOME, else ~/.mlxserve)")
+        help="mlxserve's home directory: config.toml, models/, logs/ (default: $MLXSERVE_HOME, else ~/.mlxserve)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="settings file (default: $MLXSERVE_CONFIG, else HOME/config.toml)")
 
 
 def _add_server_address(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=None,
-                        help="address of the server (default: the one `server start` ran, else 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None,
-                        help="port of the server (default: the one `server start` ran, else 1234)")
+    parser.add_argument("--host", type=_arg("host"), default=None,
+                        help="address of the server (default: the one `server start` ran, else the configured host)")
+    parser.add_argument("--port", type=_arg("port"), default=None,
+                        help="port of the server (default: the one `server start` ran, else the configured port)")
     _add_home(parser)
 
 
 def _add_serve_options(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    serve.add_argument("--port", type=int, default=1234, help="port to listen on (default: %(default)s)")
+    """Every option also reads from config.toml and MLXSERVE_<NAME>; flags win (`mlxserve config show`)."""
+    serve.add_argument("--host", type=_arg("host"), help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=_arg("port"), help="port to listen on (default: 1234)")
     _add_home(serve)
+    serve.add_argument("--models-dir", type=_arg("models_dir"), metavar="DIR",
+                       help="the model directory (default: HOME/models)")
     serve.add_argument(
         "--model", dest="models", action="append", metavar="NAME",
         help=f"model to load at start; repeat for several (default: {DEFAULT_CHAT_MODEL} and "
@@ -46,34 +77,43 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
              "it is loaded just in time.")
     serve.add_argument("--no-preload", action="store_true",
                        help="load no model at start; each loads when a request first names it")
-    serve.add_argument("--max-memory", type=_bytes_arg, default=None, metavar="SIZE",
+    serve.add_argument("--max-memory", type=_arg("max_memory"), metavar="SIZE",
                        help="memory budget for loaded models, e.g. 8GB; idle models are unloaded (least "
                             "recently used first) to make room (default: 75%% of physical memory)")
-    serve.add_argument("--ttl", type=float, default=None, metavar="SECONDS",
+    serve.add_argument("--ttl", type=_arg("ttl"), metavar="SECONDS",
                        help="unload a model after it has been idle this long; a request or `load` may set "
                             "its own `ttl` (default: 3600)")
-    serve.add_argument("--prompt-cache", dest="prompt_cache_bytes", type=_bytes_arg, default=None, metavar="SIZE",
+    serve.add_argument("--prompt-cache", type=_arg("prompt_cache"), metavar="SIZE",
                        help="memory for the KV caches of recent prompts, per loaded model, reused by requests "
                             "that start with the same tokens; 0 turns it off (default: 1/16 of physical "
                             "memory, at most 4GB)")
-    serve.add_argument("--max-concurrent", type=_count(1), default=None, metavar="N",
+    serve.add_argument("--max-concurrent", type=_arg("max_concurrent"), metavar="N",
                        help="sequences each model generates at once, in one batch (default: 32)")
-    serve.add_argument("--max-queue", type=_count(0), default=None, metavar="N",
+    serve.add_argument("--max-queue", type=_arg("max_queue"), metavar="N",
                        help="requests that may wait for a slot; beyond that, 503 with Retry-After (default: 64)")
-    serve.add_argument("--stall-seconds", type=float, default=None, metavar="SECONDS",
+    serve.add_argument("--stall-seconds", type=_arg("stall_seconds"), metavar="SECONDS",
                        help="/health reports unhealthy when the engine loop is stuck this long (default: 60)")
     serve.add_argument("--allow-model", dest="allowed_models", action="append", metavar="NAME",
                        help="only these models may be loaded; repeat for several (default: any model on disk)")
-    serve.add_argument("--max-body-mb", type=float, default=64,
-                       help="largest request body accepted, in MiB; larger ones get a 413 (default: %(default)s)")
-    serve.add_argument("--max-image-mb", type=float, default=20,
-                       help="largest image accepted in a chat message, in MiB (default: %(default)s)")
+    serve.add_argument("--max-body-mb", type=_arg("max_body_mb"),
+                       help="largest request body accepted, in MiB; larger ones get a 413 (default: 64)")
+    serve.add_argument("--max-image-mb", type=_arg("max_image_mb"),
+                       help="largest image accepted in a chat message, in MiB (default: 20)")
     serve.add_argument("--no-remote-images", dest="remote_images", action="store_false", default=None,
                        help="refuse http(s) image URLs instead of fetching them")
-    serve.add_argument("--image-folder", type=Path, default=None, metavar="DIR",
+    serve.add_argument("--image-folder", type=_arg("image_folder"), metavar="DIR",
                        help="allow file:// image URLs inside DIR (default: file:// URLs are refused)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                       help="log verbosity (default: %(default)s)")
+    serve.add_argument("--api-key", type=_arg("api_key"), metavar="KEY",
+                       help="require `Authorization: Bearer KEY` on /v1 and /api/v0 (default: no key)")
+    serve.add_argument("--api-key-file", type=_arg("api_key_file"), metavar="FILE",
+                       help="read the API key from FILE's first line (keeps it out of `ps` listings)")
+    serve.add_argument("--cors", type=_arg("cors"), metavar="ORIGINS",
+                       help="let browsers on these origins call the API: comma-separated, or * for any "
+                            "(default: CORS off)")
+    serve.add_argument("--log-level", type=_arg("log_level"),
+                       help="debug, info, warning or error; debug also logs prompts (default: info)")
+    serve.add_argument("--log-file", type=_arg("log_file"), metavar="FILE",
+                       help="rotating log with one line per request (default: HOME/logs/mlxserve.log)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +184,34 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--all", action="store_true", help="unload every model")
     _add_server_address(unload)
 
+    service = commands.add_parser(
+        "service", help="run the server at login under launchd (macOS) or systemd --user (Linux)",
+        description="Install mlxserve as a per-user service that starts at login and restarts if it "
+                    "stops: a LaunchAgent plist on macOS (launchctl bootstrap gui/UID), a systemd user "
+                    "unit on Linux. Homebrew users can use `brew services start mlxserve` instead.")
+    service_commands = service.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, text in (("install", "write the service file and start it"),
+                         ("uninstall", "stop the service and remove its file"),
+                         ("status", "what the service manager says, and whether the server answers"),
+                         ("logs", "the end of the server's log")):
+        sub = service_commands.add_parser(action, help=text)
+        _add_home(sub)
+        if action in ("install", "uninstall"):
+            sub.add_argument("--dry-run", action="store_true", help="print what would be written and run")
+            sub.add_argument("--platform", choices=PLATFORMS, default=current_platform(),
+                             help="write the service for this system (default: this one)")
+        if action == "install":
+            sub.add_argument("--no-start", action="store_true", help="write the file, do not start it")
+        if action == "logs":
+            sub.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default: 50)")
+
+    config = commands.add_parser(
+        "config", help="show the effective settings and where each comes from",
+        description="Settings come from flags, then MLXSERVE_<NAME> variables, then HOME/config.toml "
+                    "(TOML, one key per setting), then defaults.")
+    config_commands = config.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _add_home(config_commands.add_parser("show", help="print every setting, its value and its source"))
+
     log = commands.add_parser(
         "log", help="follow the running server's log",
         description="`mlxserve log stream` prints, for each request, the exact prompt the model receives "
@@ -157,53 +225,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        if not text.isdigit() or int(text) < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {text!r}")
-        return int(text)
-    return parse
-
-
-def _bytes_arg(text: str) -> int:
-    try:
-        return parse_bytes(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 8GB or 512MB)") from None
-
-
 def _settings(args: argparse.Namespace) -> Settings:
-    settings = Settings(home=args.home or default_home())
-    for key in ("host", "port", "log_level", "remote_images", "image_folder", "max_memory", "prompt_cache_bytes",
-                "max_concurrent", "max_queue", "stall_seconds"):
-        if getattr(args, key, None) is not None:
-            setattr(settings, key, getattr(args, key))
-    if getattr(args, "max_body_mb", None) is not None:
-        settings.max_body_bytes = int(args.max_body_mb * 1024 * 1024)
-    if getattr(args, "max_image_mb", None) is not None:
-        settings.max_image_bytes = int(args.max_image_mb * 1024 * 1024)
-    if getattr(args, "ttl", None) is not None:
-        settings.default_ttl = args.ttl
-    if getattr(args, "allowed_models", None):
-        settings.allowed_models = frozenset(args.allowed_models)
-    if getattr(args, "models", None):
-        settings.models = tuple(args.models)
+    """Flags, then MLXSERVE_* variables, then config.toml, then defaults; exits on a bad value."""
+    flags = {k: v for k, v in vars(args).items() if k in OPTIONS_BY_NAME or k == "home"}
+    for name in ("models", "allowed_models"):
+        if flags.get(name) is not None:
+            flags[name] = tuple(flags[name])
     if getattr(args, "no_preload", False):
-        settings.models = ()
-    if settings.allowed_models is not None:  # only what may be loaded is loaded at start
-        settings.models = tuple(m for m in settings.models if m in settings.allowed_models)
+        flags["models"] = ()
+    try:
+        settings, _ = resolve(flags, config=args.config)
+    except ConfigError as exc:
+        sys.exit(f"mlxserve: {exc}")
     return settings
 
 
 def _ensure_models(settings: Settings) -> None:
     """Fetch built-in models that are asked for and not on disk yet; fail early on unknown ones."""
     for name in settings.models:
-        if (settings.models_dir / name / "config.json").is_file():
+        if (settings.model_directory / name / "config.json").is_file():
             continue
         if name not in BUNDLED:
-            sys.exit(f"mlxserve: model '{name}' is not in {settings.models_dir} and is not a built-in "
+            sys.exit(f"mlxserve: model '{name}' is not in {settings.model_directory} and is not a built-in "
                      f"model ({', '.join(BUNDLED)})")
-        install_bundled(name, settings.models_dir)
+        install_bundled(name, settings.model_directory)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _serve(settings: Settings) -> None:
@@ -213,14 +267,20 @@ def _serve(settings: Settings) -> None:
     from mlxserve.engine.store import ModelStore
 
     _ensure_models(settings)
-    engine = Engine(ModelStore(settings.models_dir), max_memory=settings.max_memory,
-                    default_ttl=settings.default_ttl, allowed=settings.allowed_models,
-                    prompt_cache_bytes=settings.prompt_cache_bytes, max_concurrent=settings.max_concurrent,
-                    max_queue=settings.max_queue, stall_seconds=settings.stall_seconds)
+    allowed = None if settings.allowed_models is None else frozenset(settings.allowed_models)
+    engine = Engine(ModelStore(settings.model_directory), max_memory=settings.max_memory,
+                    default_ttl=settings.ttl, allowed=allowed, prompt_cache_bytes=settings.prompt_cache,
+                    max_concurrent=settings.max_concurrent, max_queue=settings.max_queue,
+                    stall_seconds=settings.stall_seconds)
     images = ImagePolicy(max_bytes=settings.max_image_bytes, allow_remote=settings.remote_images,
                          file_folder=settings.image_folder)
+    key = settings.key()
     app = create_app(engine, max_body_bytes=settings.max_body_bytes, image_policy=images,
-                     preload=settings.models)
+                     preload=settings.models, api_key=key, cors=settings.cors)
+    if key is None and not _is_loopback(settings.host):
+        print(f"mlxserve: WARNING: listening on {settings.host}, reachable from other machines, without an "
+              "API key: anyone who can reach this port can use and manage your models. Set --api-key (or "
+              "api_key_file in config.toml), or bind to 127.0.0.1.", file=sys.stderr, flush=True)
     if blas.loaded:
         logging.getLogger("mlxserve").info("using %s for CPU matrix products", blas.loaded)
     loaded = ", ".join(settings.models) or "no model loaded yet (each loads when first requested)"
@@ -238,7 +298,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def _store(settings: Settings):
     from mlxserve.engine.store import ModelStore
 
-    return ModelStore(settings.models_dir)
+    return ModelStore(settings.model_directory)
 
 
 def _ls(settings: Settings, as_json: bool) -> None:
@@ -249,7 +309,7 @@ def _ls(settings: Settings, as_json: bool) -> None:
                            "context_length": m.context_length} for m in models], indent=2))
         return
     if not models:
-        print(f"No models in {settings.models_dir}. Try `mlxserve pull {DEFAULT_CHAT_MODEL}`.")
+        print(f"No models in {settings.model_directory}. Try `mlxserve pull {DEFAULT_CHAT_MODEL}`.")
         return
     print(_table([[m.id, human_bytes(m.size_bytes), m.architecture, m.quantization, ",".join(m.capabilities),
                    str(m.context_length or "?")] for m in models],
@@ -260,15 +320,15 @@ def _pull(settings: Settings, reference: str, name: str | None) -> None:
     from mlxserve.engine import hub
 
     if reference in BUNDLED:
-        print(install_bundled(reference, settings.models_dir))
+        print(install_bundled(reference, settings.model_directory))
         return
     try:
         repo, revision = hub.parse_reference(reference)
     except ValueError as exc:
         raise ConversionError(f"{exc}; built-in models: {', '.join(BUILTIN_NAMES)}") from None
-    target = settings.models_dir / (name or hub.default_name(repo))
+    target = settings.model_directory / (name or hub.default_name(repo))
     if (target / "config.json").is_file():
-        print(f"{target.name} is already in {settings.models_dir} (remove it with `mlxserve rm {target.name}` "
+        print(f"{target.name} is already in {settings.model_directory} (remove it with `mlxserve rm {target.name}` "
               "to download it again)", file=sys.stderr)
     else:
         print(f"Downloading {repo}{'@' + revision if revision else ''} into {target}…", file=sys.stderr)
@@ -282,11 +342,11 @@ def _import(settings: Settings, file: Path, name: str | None, force: bool) -> No
 
     if not file.is_file():
         raise ConversionError(f"no such file: {file}")
-    target = settings.models_dir / (name or file.name.removesuffix(".gguf").lower())
+    target = settings.model_directory / (name or file.name.removesuffix(".gguf").lower())
     if target.exists() and not force:
         raise ConversionError(f"a model named {target.name} exists; choose --name or pass --force")
     print(f"Converting {file.name} to MLX in {target}…", file=sys.stderr)
-    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    settings.model_directory.mkdir(parents=True, exist_ok=True)
     convert_gguf(file, target, progress=conversion_progress(lambda line: print(line, file=sys.stderr)))
     print(target)
 
@@ -295,15 +355,15 @@ def _rm(settings: Settings, name: str) -> None:
     store = _store(settings)
     info = store.get(name)
     store.remove(name)
-    print(f"Removed {name} ({human_bytes(info.size_bytes)}) from {settings.models_dir}")
+    print(f"Removed {name} ({human_bytes(info.size_bytes)}) from {settings.model_directory}")
 
 
 def _client(settings: Settings, args: argparse.Namespace) -> AdminClient:
     """The running server: --host/--port, else what `server start` recorded, else the defaults."""
     record = daemon.running(settings.home)
-    host = args.host or (record.host if record else "127.0.0.1")
-    port = args.port or (record.port if record else 1234)
-    return AdminClient(daemon.ServerRecord(0, host, port, "").url)
+    host = args.host or (record.host if record else settings.host)
+    port = args.port or (record.port if record else settings.port)
+    return AdminClient(daemon.ServerRecord(0, host, port, "").url, api_key=settings.key())
 
 
 def _ps(client: AdminClient, as_json: bool) -> None:
@@ -371,14 +431,54 @@ def _server(settings: Settings, args: argparse.Namespace, argv: list[str]) -> No
         print(f"mlxserve is running on {client.base_url}/v1{pid}; loaded models: {names}")
 
 
+def _service(settings: Settings, args: argparse.Namespace) -> None:
+    platform = getattr(args, "platform", current_platform())
+    plan = service.plan(platform, settings.home.resolve(), args.config.resolve() if args.config else None)
+    if args.action in ("install", "uninstall") and args.dry_run:
+        print(service.describe(plan, args.action))
+        return
+    if args.action == "install":
+        warnings = service.install(plan, settings.home, start=not args.no_start)
+        print(f"Wrote {plan.path}")
+    elif args.action == "uninstall":
+        warnings = service.uninstall(plan, settings.home)
+        print(f"Removed {plan.path}")
+    elif args.action == "status":
+        result = subprocess.run(plan.status, capture_output=True, text=True) if plan.path.exists() else None
+        print(f"service file: {plan.path} ({'installed' if plan.path.exists() else 'not installed'})")
+        if result is not None:
+            print((result.stdout or result.stderr).strip())
+        try:
+            health = AdminClient(daemon.ServerRecord(0, settings.host, settings.port, "").url).get("/health")
+            print(f"server: {health['status']} on http://{settings.host}:{settings.port}/v1, "
+                  f"{health['active_requests']} requests in flight")
+        except ClientError as exc:
+            print(f"server: {exc}")
+        return
+    else:
+        path = settings.log_path
+        lines = path.read_text(errors="replace").splitlines()[-args.lines:] if path.exists() else []
+        print("\n".join(lines) if lines else f"No log yet at {path}")
+        return
+    for warning in warnings:
+        print(f"mlxserve: warning: {warning}", file=sys.stderr)
+
+
+def _config_show(args: argparse.Namespace) -> None:
+    settings, sources = resolve({"home": args.home}, config=args.config)
+    rows = describe(settings, sources)
+    print(f"# settings file: {config_path(settings.home, args.config)}")
+    width = max(len(name) for name, _, _ in rows)
+    for name, value, source in rows:
+        print(f"{name.ljust(width)}  {value}  ({source})")
+
+
 def main(argv: list[str] | None = None) -> None:
     blas.preload_openblas()  # before anything imports mlx.core
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     settings = _settings(args)
-    # Only the server logs at --log-level; the other commands print what matters themselves.
-    logging.basicConfig(level=settings.log_level.upper() if args.command == "serve" else "WARNING",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logsetup.configure(settings.log_level, settings.log_path if args.command == "serve" else None)
     try:
         if args.command == "serve":
             _serve(settings)
@@ -402,9 +502,13 @@ def main(argv: list[str] | None = None) -> None:
             body = {"all": True} if args.all else {"model": args.name}
             unloaded = _client(settings, args).post("/api/v0/models/unload", body)["unloaded"]
             print(f"Unloaded {', '.join(unloaded)}" if unloaded else "Nothing was loaded.")
+        elif args.command == "config":
+            _config_show(args)
+        elif args.command == "service":
+            _service(settings, args)
         elif args.command == "log":
             _log_stream(_client(settings, args), args.model, args.output, args.json)
-    except (ClientError, MlxserveError) as exc:
+    except (ClientError, MlxserveError, ConfigError) as exc:
         sys.exit(f"mlxserve: {exc}")
     except KeyboardInterrupt:
         sys.exit(130)

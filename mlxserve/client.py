@@ -18,15 +18,18 @@ class ClientError(Exception):
 
 
 class AdminClient:
-    def __init__(self, base_url: str, timeout: float = 600):
+    def __init__(self, base_url: str, timeout: float = 600, api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.api_key = api_key
 
     def _open(self, path: str, body: dict[str, Any] | None = None, *, wait_forever: bool = False):
         """`wait_forever`: no read timeout, for a log stream that may be quiet for hours."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base_url + path, data=data,
-                                         headers={"Content-Type": "application/json"} if data else {})
+        headers = {"Content-Type": "application/json"} if data else {}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.base_url + path, data=data, headers=headers)
         try:
             return urllib.request.urlopen(request, timeout=None if wait_forever else self.timeout)
         except urllib.error.HTTPError as exc:

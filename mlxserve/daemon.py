@@ -80,7 +80,7 @@ def start(home: Path, host: str, port: int, serve_args: list[str], wait: float =
             raise ClientError(f"the server exited with status {process.returncode}; see {log}:\n"
                               + _tail(log))
         try:
-            client.get("/api/v0/ps")
+            client.get("/health")  # open even when an API key is set
             return record
         except ClientError:
             time.sleep(0.25)

@@ -6,13 +6,14 @@ from typing import Any
 
 from sanic import Sanic
 
+from mlxserve.api import access_log, security
 from mlxserve.api.errors import register_error_handler
 from mlxserve.api.images import ImagePolicy
 from mlxserve.api.routes import admin, chat, completions, embeddings, health, models
 
 
 def create_app(engine: Any, *, max_body_bytes: int, image_policy: ImagePolicy,
-               preload: tuple[str, ...] = ()) -> Sanic:
+               preload: tuple[str, ...] = (), api_key: str | None = None, cors: tuple[str, ...] = ()) -> Sanic:
     """`engine` offers list_models, get_model, generate, embed, start(preload) and stop()."""
     # mlxserve configures logging itself (cli.py); Sanic would add a second handler.
     app = Sanic("mlxserve", configure_logging=False)
@@ -27,6 +28,8 @@ def create_app(engine: Any, *, max_body_bytes: int, image_policy: ImagePolicy,
     for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, admin.bp, health.bp):
         app.blueprint(bp)
     register_error_handler(app)
+    security.install(app, api_key, cors)
+    access_log.install(app)
 
     @app.before_server_start
     async def _start_engine(app: Sanic) -> None:

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 from sanic import Request
 from sanic.response import HTTPResponse, json
 
-from mlxserve.api import sse
+from mlxserve.api import access_log, sse
 from mlxserve.api.formats import ResponseFormat, now, usage_object
 from mlxserve.api.schemas import ParsedGeneration
 from mlxserve.protocol import ChoiceFinished, GenerationRequest, TextDelta, TokenLogprob, Usage
@@ -29,21 +29,26 @@ class Generator(Protocol):
 async def respond(request: Request, engine: Generator, parsed: ParsedGeneration,
                   fmt: ResponseFormat) -> HTTPResponse | None:
     """Run the generation; a client that disconnects cancels it (Sanic cancels this task)."""
+    request.ctx.model = parsed.request.model
     stream = await engine.generate(parsed.request)
     try:
         if parsed.stream:
+            request.ctx.streaming = True
             await _stream(request, stream, parsed, fmt)
             return None
-        return await _collect(stream, parsed, fmt)
+        return await _collect(request, stream, parsed, fmt)
     finally:
         stream.cancel()
+        if parsed.stream:  # 499: the client went away before the end (nginx's convention)
+            access_log.finish(request, 200 if getattr(request.ctx, "usage", None) else 499)
 
 
 def _envelope(stream: GenerationStream, parsed: ParsedGeneration, fmt: ResponseFormat, obj: str) -> dict[str, Any]:
     return fmt.envelope(fmt.new_id(), parsed.request.model, now(), obj, stream.system_fingerprint)
 
 
-async def _collect(stream: GenerationStream, parsed: ParsedGeneration, fmt: ResponseFormat) -> HTTPResponse:
+async def _collect(request: Request, stream: GenerationStream, parsed: ParsedGeneration,
+                   fmt: ResponseFormat) -> HTTPResponse:
     n = parsed.request.n
     texts: list[list[str]] = [[] for _ in range(n)]
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
@@ -51,12 +56,13 @@ async def _collect(stream: GenerationStream, parsed: ParsedGeneration, fmt: Resp
     usage: Usage | None = None
     async for ev in stream:
         if isinstance(ev, TextDelta):
+            access_log.note_first_token(request)
             texts[ev.index].append(ev.text)
             logprobs[ev.index].extend(ev.logprobs)
         elif isinstance(ev, ChoiceFinished):
             reasons[ev.index] = ev.reason
         elif isinstance(ev, Usage):
-            usage = ev
+            usage = request.ctx.usage = ev
     wants_logprobs = parsed.request.logprobs is not None
     body = _envelope(stream, parsed, fmt, fmt.object)
     body["choices"] = [
@@ -83,12 +89,15 @@ async def _stream(request: Request, stream: GenerationStream, parsed: ParsedGene
         await send([fmt.chunk_choice(i, "", None, first=True) for i in range(parsed.request.n)])
     async for ev in stream:
         if isinstance(ev, TextDelta):
+            access_log.note_first_token(request)
             logprobs = fmt.logprobs(list(ev.logprobs), offsets[ev.index]) if wants_logprobs else None
             offsets[ev.index] += len(ev.text)
             await send([fmt.chunk_choice(ev.index, ev.text, None, logprobs=logprobs)])
         elif isinstance(ev, ChoiceFinished):
             await send([fmt.chunk_choice(ev.index, None, ev.reason)])
-        elif isinstance(ev, Usage) and parsed.include_usage:
-            await send([], usage=usage_object(ev))
+        elif isinstance(ev, Usage):
+            request.ctx.usage = ev
+            if parsed.include_usage:
+                await send([], usage=usage_object(ev))
     await response.send(sse.DONE)
     await response.eof()

@@ -239,6 +239,8 @@ class _ModelRunner:
             choice.uid = uid
             self.choices[uid] = choice
         active.sink(Accepted(prompt_tokens=len(tokens), system_fingerprint=model.system_fingerprint))
+        log.debug("request %d to %s: %d prompt tokens (%d cached): %r", active.id, model.name, len(tokens),
+                  active.cached_tokens, encoded.text)
         self.logs.publish({"type": "request", "id": active.id, "model": model.name,
                            "endpoint": "chat" if req.messages is not None else "completions",
                            "prompt": encoded.text, "prompt_tokens": len(tokens),

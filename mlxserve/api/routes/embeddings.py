@@ -23,6 +23,7 @@ def _encode(vector: np.ndarray, as_base64: bool) -> list[float] | str:
 @bp.post("/embeddings")
 async def embeddings(request: Request) -> HTTPResponse:
     parsed = parse_embedding(json_object(request))
+    request.ctx.model = parsed.request.model
     result = await request.app.ctx.engine.embed(parsed.request)
     data = [{"object": "embedding", "index": i, "embedding": _encode(v, parsed.base64)}
             for i, v in enumerate(result.vectors)]

@@ -1,0 +1,82 @@
+"""API key, CORS and the request log, through a real server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.conftest import TINY
+from tests.fixtures.http import request
+from tests.fixtures.server import ServerProcess
+
+KEY = "sk-local-0123456789"
+WEB = "https://chat.example"
+
+
+@pytest.fixture(scope="module")
+def locked(tiny_home: Path):
+    server = ServerProcess(tiny_home, [TINY], ["--api-key", KEY, "--cors", f"{WEB},http://localhost:3000"])
+    yield server
+    server.stop()
+
+
+def test_requests_without_the_key_get_401_and_with_it_200(locked: ServerProcess):
+    with pytest.raises(openai.AuthenticationError) as error:
+        OpenAI(base_url=locked.base_url, api_key="wrong-key", max_retries=0).models.list()
+    assert error.value.status_code == 401 and error.value.body["code"] == "invalid_api_key"
+    assert "wrong-key" not in str(error.value.body) and KEY not in str(error.value.body)
+    for path in ("/v1/models", "/api/v0/ps"):
+        reply = request(locked.base_url.removesuffix("/v1") + path)
+        assert reply.status == 401 and reply.json()["error"]["type"] == "authentication_error"
+    client = OpenAI(base_url=locked.base_url, api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list()] == [TINY]
+    reply = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert reply.usage.completion_tokens > 0
+    assert request(locked.base_url.removesuffix("/v1") + "/health").status == 200  # open to service managers
+    assert KEY not in locked.log()
+
+
+def _preflight(server: ServerProcess, origin: str):
+    return request(server.base_url + "/chat/completions", "OPTIONS", None, {
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+
+
+def test_cors_preflight_is_answered_for_configured_origins_only(locked: ServerProcess):
+    allowed = _preflight(locked, WEB)
+    assert allowed.status == 204
+    assert allowed.headers["access-control-allow-origin"] == WEB
+    assert "POST" in allowed.headers["access-control-allow-methods"]
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    refused = _preflight(locked, "https://evil.example")
+    assert refused.status == 403 and "access-control-allow-origin" not in refused.headers
+    reply = request(locked.base_url + "/models", headers={"Origin": WEB, "Authorization": f"Bearer {KEY}"})
+    assert reply.status == 200 and reply.headers["access-control-allow-origin"] == WEB
+    other = request(locked.base_url + "/models", headers={"Origin": "https://evil.example",
+                                                          "Authorization": f"Bearer {KEY}"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_cors_is_off_by_default(tiny_server: ServerProcess):
+    assert _preflight(tiny_server, WEB).status == 403
+    assert "access-control-allow-origin" not in request(tiny_server.base_url + "/models",
+                                                        headers={"Origin": WEB}).headers
+
+
+def test_one_log_line_per_request_without_the_prompt(locked: ServerProcess):
+    client = OpenAI(base_url=locked.base_url, api_key=KEY, max_retries=0)
+    before = len(locked.log())
+    secret_prompt = "my very private question"
+    client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": secret_prompt}], max_tokens=3)
+    list(client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": secret_prompt}],
+                                        max_tokens=3, stream=True))
+    log = locked.log()[before:]
+    lines = [line for line in log.splitlines() if "mlxserve.access" in line and "/v1/chat/completions" in line]
+    assert len(lines) == 2
+    for line in lines:
+        assert "POST /v1/chat/completions status=200" in line and f"model={TINY}" in line
+        assert "completion_tokens=" in line and "ttft=" in line and "duration=" in line
+    assert secret_prompt not in log

@@ -1,0 +1,39 @@
+"""The Homebrew formula is what its generator renders from the lock, and it is valid Ruby."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FORMULA = ROOT / "Formula" / "mlxserve.rb"
+
+
+def test_the_formula_is_regenerated_exactly_from_the_lock():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_formula.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_locked_dependency_is_a_pinned_resource_with_its_sha256():
+    locked = json.loads((ROOT / "Formula" / "resources.lock.json").read_text())
+    text = FORMULA.read_text()
+    names = {r["name"].lower().replace("_", "-") for r in locked["resources"]}
+    assert {"mlx", "mlx-metal", "mlx-lm", "mlx-vlm", "sanic", "numpy"} <= names
+    for r in locked["resources"]:
+        assert f'url "{r["url"]}"\n    sha256 "{r["sha256"]}"' in text
+        assert len(r["sha256"]) == 64 and r["version"] in r["url"]
+    for line in ("include Language::Python::Virtualenv", "depends_on arch: :arm64", "service do",
+                 "keep_alive true", 'log_path var/"log/mlxserve.log"', "def caveats", "test do"):
+        assert line in text
+
+
+@pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby is not installed (.ci/run installs it)")
+def test_the_formula_is_valid_ruby():
+    result = subprocess.run(["ruby", "-c", str(FORMULA)], capture_output=True, text=True)
+    assert result.returncode == 0 and "Syntax OK" in result.stdout, result.stderr
