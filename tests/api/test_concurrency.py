@@ -5,12 +5,10 @@ from __future__ import annotations
 import http.client
 import json
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 from openai import OpenAI
 
 from tests.conftest import TINY
@@ -78,7 +76,7 @@ def test_a_multi_turn_chat_reuses_its_prefix_and_gets_the_same_answers(tiny_home
         # A prompt that shares only a prefix reuses that prefix and no more.
         first = _completion(cached_server, "the cat sat on the mat")
         second = _completion(cached_server, "the cat ran off")
-        shared = len(_tokens(cached_server, "the cat "))
+        shared = _prompt_tokens(cached_server, "the cat ")
         assert 0 < second["usage"]["prompt_tokens_details"]["cached_tokens"] <= shared
         assert second["choices"][0]["text"] == _completion(plain_server, "the cat ran off")["choices"][0]["text"]
         assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
@@ -87,11 +85,11 @@ def test_a_multi_turn_chat_reuses_its_prefix_and_gets_the_same_answers(tiny_home
         plain_server.stop()
 
 
-def _tokens(server: ServerProcess, text: str) -> list[int]:
-    """The prompt's tokens, as the server counts them (via a logprobs-free completion's usage)."""
+def _prompt_tokens(server: ServerProcess, text: str) -> int:
+    """How many tokens `text` is, as the server counts them."""
     reply = request(server.base_url + "/completions", "POST",
                     {"model": TINY, "prompt": text, "max_tokens": 1, "temperature": 0}).json()
-    return [0] * reply["usage"]["prompt_tokens"]
+    return reply["usage"]["prompt_tokens"]
 
 
 def _start_stream(server: ServerProcess) -> http.client.HTTPConnection:

@@ -80,3 +80,16 @@ def test_one_log_line_per_request_without_the_prompt(locked: ServerProcess):
         assert "POST /v1/chat/completions status=200" in line and f"model={TINY}" in line
         assert "completion_tokens=" in line and "ttft=" in line and "duration=" in line
     assert secret_prompt not in log
+
+
+def test_listening_beyond_loopback_without_a_key_warns(tiny_home: Path):
+    server = ServerProcess(tiny_home, [], ["--host", "0.0.0.0"])
+    try:
+        assert "reachable from other machines, without an API key" in server.log()
+    finally:
+        server.stop()
+    keyed = ServerProcess(tiny_home, [], ["--host", "0.0.0.0", "--api-key", KEY])
+    try:
+        assert "without an API key" not in keyed.log()
+    finally:
+        keyed.stop()
