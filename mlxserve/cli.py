@@ -22,6 +22,10 @@ from mlxserve.settings import (
     resolve,
 )
 
+# The commands that run MLX (load models, convert weights); the others only talk HTTP or write files.
+MLX_COMMANDS = ("serve", "import", "pull", "ls", "rm")
+
+
 def _arg(name: str):
     """argparse type for option `name`: the same parser as the config file and environment."""
     option = OPTIONS_BY_NAME[name]
@@ -230,9 +234,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> None:
-    blas.preload_openblas()  # before anything imports mlx.core
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.command in MLX_COMMANDS:
+        blas.preload_openblas()  # before anything imports mlx.core
     settings = _settings(args)
     logsetup.configure(settings.log_level, settings.log_path if args.command == "serve" else None)
     try:

@@ -3,12 +3,14 @@
 On MLX's CPU device, float16 arithmetic is emulated and slow, and quantized
 matmuls run on one core; dense float32 matmuls go through BLAS and use every
 core. Measured on SmolLM2-135M (2-core x86, OpenBLAS, raw decode loop): 4-bit
-10 tok/s, dense float32 13.4 tok/s, dense float32 with matrix-vector products 18.5 tok/s.
+10 tok/s, dense float32 13.4 tok/s; with matrix-vector products for decode steps 23.4 tok/s
+(through the gemv shim, mlxserve/blas.py) or 18.7 tok/s (through numpy, below).
 
 MLX computes a one-token decode step's `x @ W.T` with BLAS's sgemm, and OpenBLAS's sgemm
 with one or two rows streams the weights at about a quarter of the speed of its sgemv
-(SmolLM2's 49152x576 output layer: 12 ms against 2.9 ms). Dense layers therefore hand one-
-and two-row inputs to numpy, whose `W @ x` is a gemv on BLAS, reading MLX's weights in place.
+(SmolLM2's 49152x576 output layer: 12 ms against 2.9 ms). When the shim is not there (no C
+compiler), dense layers hand one- and two-row inputs to numpy, whose `W @ x` is a gemv on
+BLAS, reading MLX's weights in place; that forces an evaluation per layer, hence the gap.
 On Apple silicon and CUDA nothing here runs: quantized weights stay on the GPU.
 """
 
@@ -20,6 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map, tree_unflatten
+
+from mlxserve import blas
 
 log = logging.getLogger("mlxserve.engine")
 
@@ -51,7 +55,7 @@ GEMV_MAX_ROWS = 2
 def _times_transpose(x: mx.array, weight: mx.array) -> mx.array:
     """`x @ weight.T`, with few-row inputs (decode steps) as BLAS matrix-vector products."""
     rows = x.size // x.shape[-1]
-    if rows > GEMV_MAX_ROWS:
+    if rows > GEMV_MAX_ROWS or blas.gemv_shim is not None:  # the shim does it inside MLX's own matmul
         return x @ weight.T
     flat = np.asarray(x).reshape(rows, -1)
     matrix = np.asarray(weight)  # a view of MLX's buffer, not a copy

