@@ -1,8 +1,8 @@
 """Download MLX models from the Hugging Face Hub into the model directory.
 
-huggingface_hub does the transfer: progress bars, resuming a broken download
-(its `local_dir` keeps partial files and metadata under `.cache/`), and
-`HF_ENDPOINT` for mirrors. Only the files a model needs are fetched, never
+huggingface_hub does the transfer: progress bars, resuming a dropped connection
+with a Range request, skipping files already complete in `local_dir` when a pull
+is run again, and `HF_ENDPOINT` for mirrors. Only the files a model needs are fetched, never
 PyTorch or GGUF duplicates that some repositories carry beside the MLX weights.
 """
 
