@@ -19,6 +19,11 @@ from pathlib import Path
 from mlxserve.client import AdminClient, ClientError
 
 
+def base_url(host: str, port: int) -> str:
+    """Where a client reaches a server bound to `host`: a wildcard bind is reached on loopback."""
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+
+
 @dataclass
 class ServerRecord:
     pid: int
@@ -28,8 +33,7 @@ class ServerRecord:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return base_url(self.host, self.port)
 
 
 def record_path(home: Path) -> Path:

@@ -30,7 +30,7 @@ def service(settings: Settings, args: argparse.Namespace) -> None:
         if result is not None:
             print((result.stdout or result.stderr).strip())
         try:
-            health = AdminClient(daemon.ServerRecord(0, settings.host, settings.port, "").url).get("/health")
+            health = AdminClient(daemon.base_url(settings.host, settings.port)).get("/health")
             print(f"server: {health['status']} on http://{settings.host}:{settings.port}/v1, "
                   f"{health['active_requests']} requests in flight")
         except ClientError as exc:

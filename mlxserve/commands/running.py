@@ -20,7 +20,7 @@ def client_for(settings: Settings, args: argparse.Namespace) -> AdminClient:
     record = daemon.running(settings.home)
     host = args.host or (record.host if record else settings.host)
     port = args.port or (record.port if record else settings.port)
-    return AdminClient(daemon.ServerRecord(0, host, port, "").url, api_key=settings.key())
+    return AdminClient(daemon.base_url(host, port), api_key=settings.key())
 
 
 def ps(client: AdminClient, as_json: bool) -> None:
