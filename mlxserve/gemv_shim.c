@@ -295,7 +295,7 @@ static int quantized_product(int trans_a, int m, int n, int k, float alpha, cons
     return 1;
   }
   int groups = k / w->group;
-  float x[GEMV_MAX_ROWS * k], xs[GEMV_MAX_ROWS * groups];
+  float x[m * k], xs[m * groups];
   for (int i = 0; i < m; i++) {
     float *xi = x + (long)i * k;
     for (int j = 0; j < k; j++) {

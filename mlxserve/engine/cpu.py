@@ -150,10 +150,14 @@ def _register_quantized(model: nn.Module) -> None:
     weights, sources = [], []
     for _, module in model.named_modules():
         source = getattr(module, "quantized_source", None)
-        if source is not None and blas.register_quantized(module.weight, source.q, source.scales, source.biases,
-                                                          source.group_size, source.bits):
+        if source is None:
+            continue
+        if blas.register_quantized(module.weight, source.q, source.scales, source.biases, source.group_size,
+                                   source.bits):
             weights.append(module.weight)
             sources.append(source)
+        else:
+            module.quantized_source = None  # a shape the shim does not take: free the bytes
     if weights:
         weakref.finalize(model, _unregister, weights, sources)
         log.info("CPU: decode steps read %d layers' quantized bytes", len(weights))
