@@ -7,6 +7,7 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
+from mlxserve.engine import cpu_fused
 from mlxserve.engine.cpu_fused import FusedRMSNorm, FusedRoPE, fuse
 
 
@@ -44,3 +45,39 @@ def test_fuse_swaps_only_plain_layers_and_keeps_weights():
     assert type(model.norm) is FusedRMSNorm and type(model.rope) is FusedRoPE and type(model.custom) is _Scaled
     assert mx.array_equal(model.norm.weight, mx.arange(8, dtype=mx.float32))
     assert [k for k, _ in tree_flatten(model.parameters())] == ["norm.weight"]  # constants are not parameters
+
+
+def _masks(heads: int, length: int, keys: int) -> list:
+    keep = mx.random.uniform(shape=(length, keys)) > 0.3
+    per_head = mx.random.uniform(shape=(2, heads, length, keys)) > 0.3
+    first = mx.arange(keys) == 0  # no row without a key to attend to
+    return [None, "causal", keep | first, per_head | first, mx.random.normal((2, 1, length, keys))]
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4)], ids=["grouped", "multi-head"])
+@pytest.mark.parametrize("length,keys", [(1, 1), (1, 40), (7, 7), (7, 40)])
+def test_attention_matches_mlx(heads: int, kv_heads: int, length: int, keys: int):
+    q = mx.random.normal((2, heads, length, 64))
+    k, v = mx.random.normal((2, kv_heads, keys, 64)), mx.random.normal((2, kv_heads, keys, 32))
+    for mask in _masks(heads, length, keys):
+        ours = cpu_fused.attention(q, k, v, scale=0.125, mask=mask)
+        assert ours.shape == (2, heads, length, 32)
+        assert mx.allclose(ours, cpu_fused._mlx_attention(q, k, v, scale=0.125, mask=mask), atol=1e-5), mask
+
+
+def test_far_below_the_maximum_is_exactly_zero():
+    """Weights below e^-86.6 of the largest are 0, never subnormal (that made the product with the
+    values 9x slower)."""
+    scores = mx.array([[0.0, -10.0, -90.0, -1e30, mx.finfo(mx.float32).min]])
+    weights = cpu_fused._softmax(scores)
+    assert weights[0, 2:].tolist() == [0.0, 0.0, 0.0]
+    assert mx.allclose(weights, mx.softmax(scores, axis=-1, precise=True), atol=1e-7)
+
+
+def test_installed_attention_hands_sinks_to_mlx():
+    cpu_fused.install_attention()
+    assert mx.fast.scaled_dot_product_attention is cpu_fused.attention
+    q, k, v = mx.random.normal((1, 4, 3, 16)), mx.random.normal((1, 2, 5, 16)), mx.random.normal((1, 2, 5, 16))
+    sinks = mx.random.normal((4,))
+    got = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal", sinks=sinks)
+    assert mx.array_equal(got, cpu_fused._mlx_attention(q, k, v, scale=0.25, mask="causal", sinks=sinks))
