@@ -10,7 +10,8 @@ are bit-identical to MLX's; norms agree to within float32 rounding.
 Attention's cost on the CPU is its softmax: MLX's exp takes about 13 ns per element, and a
 prompt's scores grow with the context, so the time to first token of a long chat's later turns
 grew with its history (60 new tokens after 386 cached: +110 ms of softmax). `attention` is the
-same computation with an exp from a polynomial (within 1.2e-7 of MLX's, 3.7x faster).
+same computation with an exp from a polynomial (within 1.2e-7 of MLX's, 3.7x faster; the softmax
+2.3x): that prefill went from 361 to 310 ms.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ def _exp_parts(scores: mx.array) -> tuple[mx.array, mx.array]:
     p = _EXP2[-1] * f + _EXP2[-2]
     for c in reversed(_EXP2[:-2]):
         p = p * f + c
-    # Below 2^-125 (e^-86.6) the result is 0, as MLX's exp underflows: subnormal floats would make
-    # the product with the values many times slower on x86.
+    # Below 2^-125 (e^-86.6) the result is 0: subnormal weights would make the product with the
+    # values about 9x slower on x86 (masked scores are all down there).
     return p, mx.where(n > -126, mx.left_shift(n.astype(mx.int32) + 127, 23), 0)
 
 
