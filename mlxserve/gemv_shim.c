@@ -69,6 +69,20 @@ static int find(const float *dense) { /* index of the first entry >= dense */
   return lo;
 }
 
+static int index_of(const float *dense) { /* its entry, or -1 */
+  int at = find(dense);
+  return at < registered && registry[at].dense == dense ? at : -1;
+}
+
+static int grow(void) { /* 1 when the registry has room for one more */
+  int wanted = capacity ? 2 * capacity : 256;
+  QWeight *grown = realloc(registry, sizeof(QWeight) * wanted);
+  if (!grown) return 0;
+  registry = grown;
+  capacity = wanted;
+  return 1;
+}
+
 static void start_helpers(void);
 
 /* Returns 0 when registered; 1 for an unsupported shape or bit width, 2 when out of memory. */
@@ -77,16 +91,16 @@ int mlxserve_register_quantized(const float *dense, int n, int k, int group, int
   if ((bits != 4 && bits != 8) || group <= 0 || group % 32 || k % group || n <= 0) return 1;
   start_helpers();
   pthread_rwlock_wrlock(&registry_lock);
-  int at = find(dense), status = 0;
-  if (at < registered && registry[at].dense == dense) {
-    registry[at] = (QWeight){dense, n, k, group, bits, q, scales, biases};
-  } else if (registered == capacity &&
-             !(registry = realloc(registry, sizeof(QWeight) * (capacity = capacity ? 2 * capacity : 256)))) {
-    status = 2;
-    registered = capacity = 0;
+  QWeight entry = {dense, n, k, group, bits, q, scales, biases};
+  int at = index_of(dense), status = 0;
+  if (at >= 0) {
+    registry[at] = entry;
+  } else if (registered == capacity && !grow()) {
+    status = 2; /* the registry stays as it was */
   } else {
+    at = find(dense);
     memmove(registry + at + 1, registry + at, sizeof(QWeight) * (registered - at));
-    registry[at] = (QWeight){dense, n, k, group, bits, q, scales, biases};
+    registry[at] = entry;
     registered++;
   }
   pthread_rwlock_unlock(&registry_lock);
@@ -95,8 +109,8 @@ int mlxserve_register_quantized(const float *dense, int n, int k, int group, int
 
 void mlxserve_unregister_quantized(const float *dense) {
   pthread_rwlock_wrlock(&registry_lock);
-  int at = find(dense);
-  if (at < registered && registry[at].dense == dense) {
+  int at = index_of(dense);
+  if (at >= 0) {
     memmove(registry + at, registry + at + 1, sizeof(QWeight) * (registered - at - 1));
     registered--;
   }
@@ -288,8 +302,8 @@ static void run_product(const Product *p) {
 static int quantized_product(int trans_a, int m, int n, int k, float alpha, const float *a, int lda, const float *b,
                              int ldb, float beta, float *c, int ldc) {
   pthread_rwlock_rdlock(&registry_lock);
-  int at = registered ? find(b) : 0;
-  const QWeight *w = at < registered && registry[at].dense == b ? &registry[at] : NULL;
+  int at = index_of(b);
+  const QWeight *w = at >= 0 ? &registry[at] : NULL;
   if (!w || w->n != n || w->k != k || ldb != k) {
     pthread_rwlock_unlock(&registry_lock);
     return 1;

@@ -68,6 +68,14 @@ QUANTIZED_SCRIPT = textwrap.dedent("""
         gc.collect()
         case["registered_after"] = blas.registered()
         results["cases"].append(case)
+    many = nn.Module()  # more layers than the registry's first allocation holds
+    many.layers = [nn.QuantizedLinear.from_linear(nn.Linear(64, 32), group_size=32, bits=4) for _ in range(300)]
+    optimize_for_cpu(many)
+    x = mx.random.normal((1, 64))
+    results["many"] = {"registered": blas.registered(),
+                       "error": max(float(np.abs(np.array(layer(x)) - (np.array(x) @ np.array(layer.weight).T
+                                                                        + np.array(layer.bias))).max())
+                                    for layer in many.layers)}
     print(json.dumps(results))
 """)
 
@@ -82,7 +90,9 @@ def test_decode_products_from_quantized_bytes_are_exact_until_the_model_goes(tmp
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", QUANTIZED_SCRIPT], capture_output=True, text=True, env=env,
                          check=True).stdout
-    for case in json.loads(out)["cases"]:
+    results = json.loads(out)
+    assert results["many"]["registered"] == 300 and results["many"]["error"] < 1e-5
+    for case in results["cases"]:
         assert case["registered"] == 1, case
         assert case["products"] == [1, 1, 1, 0], case
         assert max(case["errors"]) < 1e-5, case
