@@ -157,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("--force", action="store_true", help="replace a model of the same name")
     _add_home(import_)
 
-    rm = commands.add_parser("rm", help="delete a model from disk")
+    rm = commands.add_parser("rm", help="delete a model from disk (unloading it from a running server first)")
     rm.add_argument("name")
-    _add_home(rm)
+    _add_server_address(rm)
 
     ps = commands.add_parser("ps", help="models loaded in the running server")
     ps.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "import":
             disk.import_gguf(settings, args.file, args.name, args.force)
         elif args.command == "rm":
-            disk.rm(settings, args.name)
+            disk.rm(settings, args.name, running.client_for(settings, args))
         elif args.command == "ps":
             running.ps(running.client_for(settings, args), args.json)
         elif args.command == "load":

@@ -17,6 +17,10 @@ class ClientError(Exception):
     """A message for the user: the server is not there, or it answered with an error."""
 
 
+class ServerUnreachableError(ClientError):
+    """No server answers at the address."""
+
+
 class AdminClient:
     def __init__(self, base_url: str, timeout: float = 600, api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
@@ -39,7 +43,7 @@ class AdminClient:
                 message = f"HTTP {exc.code}"
             raise ClientError(message) from None
         except (urllib.error.URLError, ConnectionError) as exc:
-            raise ClientError(f"no mlxserve server answers at {self.base_url} ({getattr(exc, 'reason', exc)}); "
+            raise ServerUnreachableError(f"no mlxserve server answers at {self.base_url} ({getattr(exc, 'reason', exc)}); "
                               "start one with `mlxserve server start` or `mlxserve serve`") from None
 
     def get(self, path: str) -> Any:

@@ -176,11 +176,13 @@ class Health:
     """What /health reports: whether the engine loop still turns, and how loaded the server is."""
 
     healthy: bool
-    loop_stalled_seconds: float  # since the engine loop last completed a turn
+    loop_stalled_seconds: float  # since the engine loop last completed a turn (0 while it loads a model)
     active_requests: int  # accepted and not finished (generating, or waiting for a slot)
     queue_depth: int  # waiting for a generation slot
     max_concurrent: int
     max_queue: int
+    loading: str | None = None  # the model being loaded, which is not a stall
+    error: str | None = None  # why the engine thread stopped, once it has
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,13 @@ class ServerBusyError(MlxserveError):
 
     code = "server_busy"
     retry_after: int = 2  # seconds a client should wait before trying again
+
+
+class EngineUnavailableError(MlxserveError):
+    """The engine thread has stopped (or did not answer in time): nothing can be generated now."""
+
+    code = "engine_unavailable"
+    retry_after: int = 5
 
 
 class ContextLengthExceededError(InvalidRequestError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,25 @@ def test_log_stream_shows_the_templated_prompt_and_the_output(tiny_home: Path, b
     finally:
         follower.terminate()
         follower.wait(timeout=10)
+
+
+def test_rm_of_a_loaded_model_unloads_it_first(tmp_path: Path, tiny_home: Path):
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home / "models" / TINY, home / "models" / "doomed")
+    port = free_port()
+    mlxserve(home, "server", "start", "--port", str(port), "--no-preload")
+    try:
+        mlxserve(home, "load", "doomed")
+        removed = mlxserve(home, "rm", "doomed")
+        assert "Unloaded doomed" in removed.stderr and "Removed doomed" in removed.stdout
+        assert not (home / "models" / "doomed").exists()
+        assert mlxserve(home, "ps").stdout.startswith("No models loaded.")
+    finally:
+        mlxserve(home, "server", "stop", check=False)
+
+
+def test_rm_without_a_server_removes_from_disk(tmp_path: Path, tiny_home: Path):
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home / "models" / TINY, home / "models" / "gone")
+    assert "Removed gone" in mlxserve(home, "rm", "gone", "--port", str(free_port())).stdout
+    assert not (home / "models" / "gone").exists()

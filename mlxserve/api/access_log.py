@@ -8,6 +8,7 @@ the streaming code when its stream ends.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -26,16 +27,24 @@ def note_first_token(request: Request) -> None:
         request.ctx.first_token = time.perf_counter()
 
 
+def field(value: str) -> str:
+    """A client-given value as one log field: control characters and quotes escaped, so that no
+    value can end the line or forge another."""
+    if value.isprintable() and " " not in value and '"' not in value:
+        return value
+    return json.dumps(value)
+
+
 def finish(request: Request, status: int) -> None:
     """Write the request's line, once."""
     ctx = request.ctx
     if getattr(ctx, "logged", False) or not hasattr(ctx, "started"):
         return
     ctx.logged = True
-    parts = [request.method, request.path, f"status={status}"]
+    parts = [request.method, field(request.path), f"status={status}"]
     model = getattr(ctx, "model", None)
     if model:
-        parts.append(f"model={model}")
+        parts.append(f"model={field(model)}")
     usage = getattr(ctx, "usage", None)
     if usage is not None:
         parts.append(f"prompt_tokens={usage.prompt_tokens} cached_tokens={usage.cached_tokens} "
@@ -44,6 +53,9 @@ def finish(request: Request, status: int) -> None:
     if first is not None:
         parts.append(f"ttft={first - ctx.started:.3f}s")
     parts.append(f"duration={time.perf_counter() - ctx.started:.3f}s")
+    error = getattr(ctx, "error", None)
+    if error:
+        parts.append(f"error={field(error)}")
     log.info(" ".join(parts))
 
 

@@ -10,6 +10,7 @@ from sanic.response import HTTPResponse, json
 
 from mlxserve.protocol import (
     ConversionError,
+    EngineUnavailableError,
     InsufficientMemoryError,
     InvalidRequestError,
     MlxserveError,
@@ -37,6 +38,7 @@ _STATUS: list[tuple[type[MlxserveError], int]] = [
     (ModelBusyError, 409),
     (InsufficientMemoryError, 503),
     (ServerBusyError, 503),
+    (EngineUnavailableError, 503),
     (ConversionError, 400),
     (InvalidRequestError, 400),
 ]
@@ -45,13 +47,16 @@ _TYPE_BY_STATUS = {401: "authentication_error", 403: "permission_error", 404: "i
                    429: "rate_limit_error", 503: "service_unavailable"}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> HTTPResponse:
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     if status >= 500 and status != 503:
         kind = "server_error"
     else:
         kind = _TYPE_BY_STATUS.get(status, "invalid_request_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return json(body, status=status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> HTTPResponse:
+    return json(error_body(status, message, param, code), status=status)
 
 
 def _status_of(exc: MlxserveError) -> int:
@@ -60,11 +65,22 @@ def _status_of(exc: MlxserveError) -> int:
     return next((status for cls, status in _STATUS if isinstance(exc, cls)), 400)
 
 
+def describe(exc: BaseException) -> tuple[int, dict]:
+    """The status and OpenAI error object for any exception: a client's error keeps its 4xx (or 503);
+    anything else is a 500 whose message names the failure, for the log and the client alike."""
+    if isinstance(exc, MlxserveError):
+        return _status_of(exc), error_body(_status_of(exc), exc.message, exc.param, exc.code)
+    return 500, error_body(500, f"Internal server error: {type(exc).__name__}: {exc}"[:2000])
+
+
 async def _handle(request: Request, exc: Exception) -> HTTPResponse:
     if isinstance(exc, MlxserveError):
-        response = error_response(_status_of(exc), exc.message, exc.param, exc.code)
-        if isinstance(exc, ServerBusyError):
-            response.headers["Retry-After"] = str(exc.retry_after)
+        status, body = describe(exc)
+        request.ctx.error = body["error"]["message"]  # the access log says why
+        response = json(body, status=status)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
         return response
     if isinstance(exc, SanicException):
         status = exc.status_code
@@ -77,7 +93,9 @@ async def _handle(request: Request, exc: Exception) -> HTTPResponse:
             message = "Request body is too large"
         return error_response(status, message)
     log.exception("unexpected error on %s %s", request.method, request.path)
-    return error_response(500, f"Internal server error: {type(exc).__name__}")
+    status, body = describe(exc)
+    request.ctx.error = body["error"]["message"]
+    return json(body, status=status)
 
 
 def register_error_handler(app: Sanic) -> None:

@@ -8,6 +8,7 @@ from sanic import Request
 from sanic.response import HTTPResponse, json
 
 from mlxserve.api import access_log, sse
+from mlxserve.api.errors import describe, log
 from mlxserve.api.formats import ResponseFormat, now, usage_object
 from mlxserve.api.schemas import ParsedGeneration
 from mlxserve.protocol import ChoiceFinished, GenerationRequest, TextDelta, TokenLogprob, Usage
@@ -40,7 +41,8 @@ async def respond(request: Request, engine: Generator, parsed: ParsedGeneration,
     finally:
         stream.cancel()
         if parsed.stream:  # 499: the client went away before the end (nginx's convention)
-            access_log.finish(request, 200 if getattr(request.ctx, "usage", None) else 499)
+            failed = getattr(request.ctx, "error_status", None)
+            access_log.finish(request, failed or (200 if getattr(request.ctx, "usage", None) else 499))
 
 
 def _envelope(stream: GenerationStream, parsed: ParsedGeneration, fmt: ResponseFormat, obj: str) -> dict[str, Any]:
@@ -87,17 +89,23 @@ async def _stream(request: Request, stream: GenerationStream, parsed: ParsedGene
 
     if fmt.chat:
         await send([fmt.chunk_choice(i, "", None, first=True) for i in range(parsed.request.n)])
-    async for ev in stream:
-        if isinstance(ev, TextDelta):
-            access_log.note_first_token(request)
-            logprobs = fmt.logprobs(list(ev.logprobs), offsets[ev.index]) if wants_logprobs else None
-            offsets[ev.index] += len(ev.text)
-            await send([fmt.chunk_choice(ev.index, ev.text, None, logprobs=logprobs)])
-        elif isinstance(ev, ChoiceFinished):
-            await send([fmt.chunk_choice(ev.index, None, ev.reason)])
-        elif isinstance(ev, Usage):
-            request.ctx.usage = ev
-            if parsed.include_usage:
-                await send([], usage=usage_object(ev))
+    try:
+        async for ev in stream:
+            if isinstance(ev, TextDelta):
+                access_log.note_first_token(request)
+                logprobs = fmt.logprobs(list(ev.logprobs), offsets[ev.index]) if wants_logprobs else None
+                offsets[ev.index] += len(ev.text)
+                await send([fmt.chunk_choice(ev.index, ev.text, None, logprobs=logprobs)])
+            elif isinstance(ev, ChoiceFinished):
+                await send([fmt.chunk_choice(ev.index, None, ev.reason)])
+            elif isinstance(ev, Usage):
+                request.ctx.usage = ev
+                if parsed.include_usage:
+                    await send([], usage=usage_object(ev))
+    except Exception as exc:  # the stream is open (status 200 sent): end it with an error event, as OpenAI does
+        status, body = describe(exc)
+        request.ctx.error_status, request.ctx.error = status, body["error"]["message"]
+        log.warning("stream of %s %s failed: %s", request.method, request.path, body["error"]["message"])
+        await response.send(sse.event(body))
     await response.send(sse.DONE)
     await response.eof()

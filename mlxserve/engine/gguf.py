@@ -10,7 +10,6 @@ key rows, and writes the config and tokenizer files mlx-lm expects.
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlxserve.engine.gguf_tokenizer import write_tokenizer_files
+from mlxserve.engine.install import installing
 from mlxserve.protocol import ConversionError
 
 GROUP_SIZE = 32
@@ -194,14 +194,13 @@ def _convert_tensors(
 
 
 def convert_gguf(
-    gguf_path: Path, out_dir: Path, progress: ProgressFn | None = None
+    gguf_path: Path, out_dir: Path, progress: ProgressFn | None = None, replace: bool = True
 ) -> Path:
     """Write an mlx-lm model directory for `gguf_path` at `out_dir`.
 
-    The directory appears atomically (written beside it, then renamed), so a
-    crash half-way never leaves a model that looks complete.
-    Raises ConversionError for an architecture, tokenizer or tensor type that
-    mlxserve does not convert.
+    The directory appears atomically (engine/install.py), so a crash half-way never leaves a model
+    that looks complete. Raises ConversionError for an architecture, tokenizer or tensor type that
+    mlxserve does not convert, or when `out_dir` exists and `replace` is not set.
     """
     gguf = read_gguf(gguf_path)
     arch_name = gguf.scalar("general.architecture")
@@ -220,13 +219,9 @@ def convert_gguf(
         exceptions = {m: q for m, q in quantization.items() if q["bits"] != bits}
         config["quantization"] = {"group_size": GROUP_SIZE, "bits": bits, **exceptions}
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    special = write_tokenizer_files(gguf, tmp)
-    config.update(special)
-    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with installing(out_dir.parent, out_dir.name, replace=replace) as tmp:
+        special = write_tokenizer_files(gguf, tmp)
+        config.update(special)
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from mlxserve.engine.install import installing
 from mlxserve.protocol import ConversionError
 
 # What mlx-lm, mlx-vlm and the embedding loader read: weights, configs, tokenizers,
@@ -37,17 +38,25 @@ def default_name(repo: str) -> str:
 def pull(repo: str, revision: str | None, target: Path) -> Path:
     """Download `repo` at `revision` into `target`.
 
-    Files land in `target.partial` first, so a broken download never looks like a model;
-    running the same pull again resumes it there.
+    Files land in `target.partial` first (engine/install.py), so a broken download never looks like a
+    model; running the same pull again resumes it there.
     """
+    with installing(target.parent, target.name, resume=True) as partial:
+        _download(repo, revision, partial)
+    return target
+
+
+def _download(repo: str, revision: str | None, partial: Path) -> None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    partial = target.with_name(target.name + ".partial")
     try:
         snapshot_download(repo_id=repo, revision=revision, local_dir=partial, allow_patterns=MODEL_FILES)
     except HfHubHTTPError as exc:
         raise ConversionError(f"could not download {repo}: {exc}") from exc
+    except Exception as exc:  # no connection, DNS, TLS: huggingface_hub raises each transport's own errors
+        raise ConversionError(f"could not reach the Hugging Face Hub to download {repo} ({type(exc).__name__}: "
+                              f"{exc}); check the network, or set HF_ENDPOINT to a mirror") from exc
     if not (partial / "config.json").is_file():
         shutil.rmtree(partial)
         raise ConversionError(f"{repo} has no config.json: it is not a model mlxserve can serve")
@@ -57,6 +66,3 @@ def pull(repo: str, revision: str | None, target: Path) -> Path:
             f"{repo} has no safetensors weights; mlxserve serves MLX models (look for the mlx-community "
             "versions) and imports GGUF files with `mlxserve import`")
     shutil.rmtree(partial / ".cache", ignore_errors=True)  # resume bookkeeping, no longer needed
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    return target

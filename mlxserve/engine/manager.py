@@ -71,6 +71,7 @@ class ModelManager:
         self._residents: dict[str, _Resident] = {}
         # Called with a model id just before it is unloaded (the scheduler drops its batch).
         self.on_unload: Callable[[str], None] = lambda model_id: None
+        self.loading: str | None = None  # the model being loaded now (read by /health from any thread)
 
     def check_allowed(self, model_id: str) -> None:
         if self.allowed is not None and model_id not in self.allowed:
@@ -87,6 +88,11 @@ class ModelManager:
         if ttl is not None:
             resident.ttl = ttl
         return resident.model
+
+    def peek(self, model_id: str) -> Any:
+        """The model if it is loaded, else None; safe from any thread (one dict read)."""
+        resident = self._residents.get(model_id)
+        return None if resident is None else resident.model
 
     def _load(self, model_id: str, busy: Callable[[str], bool]) -> _Resident:
         need = self.store.get(model_id).size_bytes
@@ -106,7 +112,11 @@ class ModelManager:
                 f"{human_bytes(self.max_bytes)} budget is held by models serving requests: {serving}. Try again later.")
         before = mx.get_active_memory()
         started = time.perf_counter()
-        model = self.store.load(model_id)
+        self.loading = model_id
+        try:
+            model = self.store.load(model_id)
+        finally:
+            self.loading = None
         memory = max(mx.get_active_memory() - before, need)
         log.info("loaded %s in %.1fs (%s in memory)", model_id, time.perf_counter() - started, human_bytes(memory))
         now = self._clock()

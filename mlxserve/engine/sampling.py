@@ -120,7 +120,7 @@ def make_logits_processor(
         if params.logit_bias:
             logits = apply_logit_bias(logits, bias_ids, bias_values)
         if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
-            n = context.size if params.repeat_last_n < 0 else params.repeat_last_n
+            n = context.size if params.repeat_last_n < 0 else min(params.repeat_last_n, context.size)
             logits = apply_repeat_penalty(logits, context[-n:], params.repeat_penalty)
         if params.presence_penalty or params.frequency_penalty:
             logits = apply_presence_frequency(
@@ -142,7 +142,8 @@ def make_sampler(temperature: float, seed: int | None) -> Sampler:
     """
     if temperature == 0.0:
         return lambda logprobs: mx.argmax(logprobs, axis=-1)
-    key = mx.random.key(secrets.randbits(63) if seed is None else seed)
+    # Any 64-bit seed, negative ones too (and `seed + i` past the top), maps to one key of its own.
+    key = mx.random.key(secrets.randbits(63) if seed is None else seed % 2**64)
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key

@@ -25,7 +25,7 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prom
 
 from mlxserve.engine.detokenize import IncrementalDetokenizer
 from mlxserve.engine.kinds.embed import EmbeddingModel
-from mlxserve.engine.kinds.text import TextModel
+from mlxserve.engine.kinds.text import EncodedPrompt, TextModel
 from mlxserve.engine.logprobs import LogprobReporter
 from mlxserve.engine.logs import LogHub
 from mlxserve.engine.manager import ModelManager
@@ -41,6 +41,7 @@ from mlxserve.protocol import (
     GenerationRequest,
     InvalidRequestError,
     LoadedModel,
+    EngineUnavailableError,
     MlxserveError,
     ModelBusyError,
     TextDelta,
@@ -80,12 +81,37 @@ class _Choice:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     uid: int = -1
     cacheable: bool = True  # its KV state may go to the prompt cache (not for image prompts)
+    error: BaseException | None = None  # its sampler or logits processor failed; the step after ends it
+
+
+def _guarded(choice: _Choice, fn: Callable, fallback: Callable) -> Callable:
+    """`fn` as one sequence's processor or sampler in the batched step: an exception it raises fails that
+    sequence alone (noted on the choice, handled after the step) instead of the step of every sequence."""
+
+    def run(*args):
+        if choice.error is None:
+            try:
+                return fn(*args)
+            except Exception as exc:
+                choice.error = exc
+        return fallback(*args)
+
+    return run
+
+
+def _unchanged(context: mx.array, logits: mx.array) -> mx.array:
+    return logits
+
+
+def _argmax(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
 
 
 @dataclass
 class _Submit:
     id: int
     request: GenerationRequest
+    encoded: EncodedPrompt
     sink: Sink
 
 
@@ -98,6 +124,7 @@ class _Cancel:
 class _Embed:
     id: int
     request: EmbeddingRequest
+    tokens: list[list[int]]  # tokenized off the engine thread
     sink: Sink
 
 
@@ -120,7 +147,7 @@ class _EmbedJob:
             raise InvalidRequestError(
                 f"'dimensions' is {req.dimensions}, but the model '{model.name}' makes "
                 f"{model.dimensions}-dimensional embeddings", param="dimensions")
-        tokens = model.tokenize(list(req.inputs))
+        tokens = command.tokens
         order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
         batches = deque(order[i : i + EMBED_BATCH] for i in range(0, len(order), EMBED_BATCH))
         vectors = np.zeros((len(tokens), model.dimensions), dtype=np.float32)
@@ -185,12 +212,11 @@ class _ModelRunner:
     def busy(self) -> bool:
         return bool(self.choices)
 
-    def add(self, active: _Request) -> None:
-        """Tokenize, check the context, and queue every choice; raise before any prefill on bad input."""
+    def add(self, active: _Request, encoded: EncodedPrompt) -> None:
+        """Check the tokenized prompt against the context, and queue every choice; raise before any prefill."""
         req = active.request
         model = self.model
-        encoded = model.encode_chat(req.messages) if req.messages is not None else model.encode_prompt(req.prompt)
-        tokens, embeddings = encoded.tokens, encoded.embeddings
+        tokens = encoded.tokens
         room = model.context_length - len(tokens)
         if room <= 0:
             raise ContextLengthExceededError(
@@ -200,6 +226,7 @@ class _ModelRunner:
             )
         if not tokens:  # an empty raw prompt: start from BOS, as llama.cpp does
             tokens = [model.start_token_id]
+        embeddings = None if encoded.vision_inputs is None else model.vision.embed(encoded)
         unknown = [t for t in req.sampling.logit_bias if t >= model.vocab_size]
         if unknown:
             raise InvalidRequestError(
@@ -233,8 +260,8 @@ class _ModelRunner:
             max_tokens=[max_tokens] * req.n,
             caches=caches,
             all_tokens=history,
-            samplers=[make_sampler(temperature, s) for s in seeds],
-            logits_processors=[[processor] if processor else [] for _ in seeds],
+            samplers=[_guarded(c, make_sampler(temperature, s), _argmax) for c, s in zip(choices, seeds)],
+            logits_processors=[[_guarded(c, processor, _unchanged)] if processor else [] for c in choices],
         )
         for uid, choice in zip(uids, choices):
             choice.uid = uid
@@ -264,6 +291,9 @@ class _ModelRunner:
     def _remember(self, choice: _Choice, response: GenerationBatch.Response) -> None:
         """Keep a finished sequence's KV cache for later prompts that share its tokens."""
         if self.prompt_cache is not None and choice.cacheable and response.prompt_cache is not None:
+            # mlx-lm extracts the sequence's KV as a lazy slice of the whole batch's buffer: evaluated
+            # now, the entry owns exactly the bytes the cache counts instead of keeping the batch alive.
+            mx.eval([c.state for c in response.prompt_cache])
             self.prompt_cache.insert_cache(self.model.name, list(response.all_tokens), response.prompt_cache)
 
     def _prefill(self, tokens: list[int], embeddings: mx.array) -> list:
@@ -277,6 +307,10 @@ class _ModelRunner:
 
     def step(self) -> None:
         _, responses = self.generator.next()
+        for choice in [c for c in self.choices.values() if c.error is not None]:
+            if choice.uid in self.choices:
+                log.error("request %d failed in %s's batch: %r", choice.owner.id, self.model.name, choice.error)
+                self._fail(choice.owner.id, choice.error)
         for r in responses:
             choice = self.choices.get(r.uid)
             if choice is None:
@@ -340,13 +374,21 @@ class _ModelRunner:
                                "prompt_tokens": owner.prompt_tokens, "cached_tokens": owner.cached_tokens,
                                "completion_tokens": owner.completion_tokens})
 
-    def cancel(self, request_id: int) -> None:
-        uids = [uid for uid, c in self.choices.items() if c.owner.id == request_id]
-        if uids:
-            self.generator.remove(uids)
-            for uid in uids:
-                del self.choices[uid]
-            log.debug("cancelled request %d (%d running choices)", request_id, len(uids))
+    def cancel(self, request_id: int) -> list[_Choice]:
+        """Stop every choice of the request; returns them."""
+        choices = [c for c in self.choices.values() if c.owner.id == request_id]
+        if choices:
+            self.generator.remove([c.uid for c in choices])
+            for choice in choices:
+                del self.choices[choice.uid]
+            log.debug("cancelled request %d (%d running choices)", request_id, len(choices))
+        return choices
+
+    def _fail(self, request_id: int, error: BaseException) -> None:
+        """End one request with `error`; the rest of the batch goes on."""
+        choices = self.cancel(request_id)
+        if choices:
+            choices[0].owner.sink(error)
 
     def fail_all(self, error: BaseException) -> None:
         """After an unexpected MLX failure: tell every request, start from a clean batch."""
@@ -360,6 +402,9 @@ class _ModelRunner:
 class Scheduler:
     # The idle loop wakes this often to unload models whose TTL ran out.
     IDLE_TICK = 0.5
+    # How long `call` waits for the engine thread: a load may take minutes, a question should not.
+    LOAD_TIMEOUT = 30 * 60
+    CALL_TIMEOUT = 60
 
     def __init__(self, manager: ModelManager, logs: LogHub, prompt_cache_bytes: int, max_concurrent: int):
         self.manager = manager
@@ -368,6 +413,8 @@ class Scheduler:
         self.max_concurrent = max_concurrent
         # When the loop last began a turn; /health calls the engine stuck when this gets old.
         self.heartbeat = time.monotonic()
+        # Why the engine thread stopped; once set, every request fails at once instead of waiting.
+        self.failure: BaseException | None = None
         manager.on_unload = self._drop
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._runners: dict[str, _ModelRunner] = {}
@@ -383,26 +430,43 @@ class Scheduler:
         self._commands.put(None)
         self._thread.join(timeout=30)
 
-    def submit(self, request_id: int, request: GenerationRequest, sink: Sink) -> None:
-        self._commands.put(_Submit(request_id, request, sink))
+    @property
+    def stalled_seconds(self) -> float:
+        """Since the loop last turned; a model load in progress is work, not a stall."""
+        return 0.0 if self.manager.loading else time.monotonic() - self.heartbeat
 
-    def embed(self, request_id: int, request: EmbeddingRequest, sink: Sink) -> None:
-        self._commands.put(_Embed(request_id, request, sink))
+    def _put(self, command: object) -> None:
+        self._commands.put(command)
+        if self.failure is not None:  # nobody will take it: fail it (and anything else left) now
+            self._drain()
+
+    def submit(self, request_id: int, request: GenerationRequest, encoded: EncodedPrompt, sink: Sink) -> None:
+        self._put(_Submit(request_id, request, encoded, sink))
+
+    def embed(self, request_id: int, request: EmbeddingRequest, tokens: list[list[int]], sink: Sink) -> None:
+        self._put(_Embed(request_id, request, tokens, sink))
 
     def cancel(self, request_id: int) -> None:
-        self._commands.put(_Cancel(request_id))
+        self._put(_Cancel(request_id))
 
-    def call(self, fn: Callable[[], object]) -> object:
+    def call(self, fn: Callable[[], object], timeout: float = CALL_TIMEOUT) -> object:
         """Run `fn` on the engine thread and wait for its result (or its exception)."""
         call = _Call(fn)
-        self._commands.put(call)
-        call.done.wait()
+        self._put(call)
+        if not call.done.wait(timeout):
+            raise EngineUnavailableError(f"The engine did not answer within {timeout:.0f} s; try again later "
+                                         "(GET /health shows what it is doing)")
         if call.error is not None:
             raise call.error
         return call.result
 
+    def model(self, model_id: str, ttl: float | None = None) -> object:
+        """The loaded model (loading it if need be) for work that runs off the engine thread."""
+        return self.manager.peek(model_id) or self.call(
+            lambda: self.manager.acquire(model_id, ttl, self._busy), timeout=self.LOAD_TIMEOUT)
+
     def load(self, model_id: str, ttl: float | None = None) -> None:
-        self.call(lambda: self.manager.acquire(model_id, ttl, self._busy) and None)
+        self.call(lambda: self.manager.acquire(model_id, ttl, self._busy) and None, timeout=self.LOAD_TIMEOUT)
 
     def unload(self, model_id: str) -> bool:
         def run() -> bool:
@@ -414,6 +478,24 @@ class Scheduler:
 
     def loaded(self) -> list[LoadedModel]:
         return self.call(lambda: self.manager.snapshot(self._in_flight))
+
+    def _unavailable(self) -> EngineUnavailableError:
+        return EngineUnavailableError(
+            f"The engine stopped ({self.failure!r}) and cannot serve requests; restart mlxserve "
+            "(its log has the traceback)")
+
+    def _drain(self) -> None:
+        """After the engine thread died: fail every command still queued (safe from any thread)."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, (_Submit, _Embed)):
+                command.sink(self._unavailable())
+            elif isinstance(command, _Call):
+                command.error = self._unavailable()
+                command.done.set()
 
     # --- engine thread --------------------------------------------------------
 
@@ -438,7 +520,7 @@ class Scheduler:
         if isinstance(command, _Submit):
             active = _Request(command.id, command.request, command.sink)
             try:
-                self._runner(command.request.model, command.request.ttl).add(active)
+                self._runner(command.request.model, command.request.ttl).add(active, command.encoded)
             except MlxserveError as exc:
                 command.sink(exc)
         elif isinstance(command, _Embed):
@@ -470,6 +552,16 @@ class Scheduler:
             log.exception("embedding failed for %s", job.model.name)
             job.sink(exc)
 
+    def _decode_step(self) -> None:
+        """One decode step of every model with running sequences; a failed step fails that batch only."""
+        for runner in list(self._runners.values()):
+            if runner.busy:
+                try:
+                    runner.step()
+                except Exception as exc:
+                    log.exception("generation step failed for %s", runner.model.name)
+                    runner.fail_all(exc)
+
     def _pending_commands(self, block: bool) -> list[object]:
         """Everything queued now; when idle, wait (a tick at most) for a command."""
         commands = []
@@ -482,25 +574,34 @@ class Scheduler:
             commands.append(self._commands.get_nowait())
         return commands
 
+    def _turn(self) -> bool:
+        """One turn of the loop: commands, an embedding batch, a decode step, TTL expiry. False: stop."""
+        self.heartbeat = time.monotonic()
+        busy = bool(self._embed_jobs) or any(r.busy for r in self._runners.values())
+        for command in self._pending_commands(block=not busy):
+            if command is None:
+                return False
+            try:
+                self._handle(command)
+            except Exception as exc:
+                log.exception("engine command failed")
+                if isinstance(command, (_Submit, _Embed)):
+                    command.sink(exc)
+        self._embed_step()
+        self._decode_step()
+        self.manager.expire(self._busy)
+        return True
+
     def _run(self) -> None:
-        while True:
-            self.heartbeat = time.monotonic()
-            busy = bool(self._embed_jobs) or any(r.busy for r in self._runners.values())
-            for command in self._pending_commands(block=not busy):
-                if command is None:
-                    return
-                try:
-                    self._handle(command)
-                except Exception as exc:
-                    log.exception("engine command failed")
-                    if isinstance(command, (_Submit, _Embed)):
-                        command.sink(exc)
-            self._embed_step()
-            for runner in list(self._runners.values()):
-                if runner.busy:
-                    try:
-                        runner.step()
-                    except Exception as exc:
-                        log.exception("generation step failed for %s", runner.model.name)
-                        runner.fail_all(exc)
-            self.manager.expire(self._busy)
+        try:
+            while self._turn():
+                pass
+        except BaseException as exc:
+            # A bug outside the per-request guards: fail everything now, rather than let requests
+            # wait on a thread that will never answer them.
+            log.critical("the engine thread stopped", exc_info=True)
+            self.failure = exc
+            owners = {c.owner.id: c.owner for r in self._runners.values() for c in r.choices.values()}
+            for sink in [o.sink for o in owners.values()] + [j.sink for j in self._embed_jobs]:
+                sink(self._unavailable())
+            self._drain()

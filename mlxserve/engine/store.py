@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxserve.engine.kinds import Kind, kind_of
+from mlxserve.engine.names import check_model_name
 from mlxserve.protocol import ModelInfo, ModelNotFoundError
 
 WEIGHT_SUFFIXES = (".safetensors", ".npz", ".gguf")
@@ -66,10 +67,10 @@ class ModelStore:
         return self._infos[(path, mtime)]
 
     def path(self, model_id: str) -> Path:
-        """The folder of `model_id`; ModelNotFoundError if there is none."""
-        path = self.models_dir / model_id
-        # A model id is one folder name: refuse anything that walks out of the directory.
-        if "/" in model_id or "\\" in model_id or model_id.startswith(".") or not self._is_model(path):
+        """The folder of `model_id`; InvalidModelNameError for a name no model can have,
+        ModelNotFoundError if there is none."""
+        path = self.models_dir / check_model_name(model_id)
+        if not self._is_model(path):
             raise ModelNotFoundError(f"The model '{model_id}' does not exist")
         return path
 

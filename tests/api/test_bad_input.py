@@ -2,12 +2,13 @@
 
 import http.client
 import json
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import pytest
 
 from tests.conftest import TINY
-from tests.fixtures.http import request
+from tests.fixtures.http import Reply, request, sse_events
 
 GOOD = {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -38,7 +39,7 @@ CASES = [
     ("max_tokens not int", with_(max_tokens="ten"), None, 400, "max_tokens"),
     ("missing model", with_(model=...), None, 400, "model"),
     ("unknown model", with_(model="nope"), None, 404, "model"),
-    ("model path escape", with_(model="../models"), None, 404, "model"),
+    ("model path escape", with_(model="../models"), None, 400, "model"),
     ("stop wrong type", with_(stop=5), None, 400, "stop"),
 ]
 
@@ -115,3 +116,95 @@ def test_server_survives_bad_input_and_logs_no_crash(tiny_server):
     assert tiny_server.alive()
     assert request(tiny_server.base_url + "/chat/completions", "POST", GOOD).status == 200
     assert "Traceback" not in tiny_server.log()
+
+
+# --- the corpus: what crashed the server or answered 500 -----------------------------------------
+
+def raw(text: str) -> bytes:
+    return text.encode()
+
+
+HUGE = "1" + "0" * 400  # 10**400: an integer no field can hold, and too big for a float
+COMPLETION = {"model": TINY, "prompt": "hi", "max_tokens": 2}
+
+CORPUS = [
+    # (name, path, body, expected status, expected param)
+    ("json nested 100,000 deep", "/chat/completions",
+     raw('{"model": "tiny-llama", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}"), 400, None),
+    ("integer literal of 5000 digits", "/chat/completions",
+     raw('{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + "7" * 5000 + "}"),
+     400, None),
+    ("10**400 temperature", "/chat/completions", raw(json.dumps(GOOD)[:-1] + f', "temperature": {HUGE}}}'),
+     400, "temperature"),
+    ("10**400 max_tokens", "/chat/completions", raw(json.dumps(GOOD)[:-1].replace('"max_tokens": 2', f'"max_tokens": {HUGE}') + "}"),
+     400, "max_tokens"),
+    ("10**400 seed", "/completions", raw(json.dumps(COMPLETION)[:-1] + f', "seed": {HUGE}}}'), 400, "seed"),
+    ("10**400 top_k", "/completions", raw(json.dumps(COMPLETION)[:-1] + f', "top_k": {HUGE}}}'), 400, "top_k"),
+    ("10**400 ttl", "/completions", raw(json.dumps(COMPLETION)[:-1] + f', "ttl": {HUGE}}}'), 400, "ttl"),
+    ("10**400 logit_bias value", "/completions", raw(json.dumps(COMPLETION)[:-1] + f', "logit_bias": {{"5": {HUGE}}}}}'),
+     400, "logit_bias"),
+    ("logit_bias key of 400 digits", "/completions", {**COMPLETION, "logit_bias": {HUGE: 1}}, 400, "logit_bias"),
+    ("repeat_last_n 1e30", "/chat/completions", with_(repeat_penalty=1.2, repeat_last_n=1e30), 400, "repeat_last_n"),
+    ("seed 2**64", "/chat/completions", with_(seed=2**64), 400, "seed"),
+    ("model id of 300 characters", "/chat/completions", with_(model="m" * 300), 400, "model"),
+    ("model id with a newline", "/chat/completions", with_(model="tiny\nllama"), 400, "model"),
+    ("lone surrogate in content", "/chat/completions",
+     raw('{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi \\ud800 there"}]}'),
+     400, "messages[0].content"),
+    ("lone surrogate in prompt", "/completions", raw('{"model": "tiny-llama", "prompt": "\\udfff"}'), 400, "prompt"),
+    ("prompt token id past the vocabulary", "/completions", {**COMPLETION, "prompt": [5, 267]}, 400, "prompt"),
+    ("prompt token id of 400 digits", "/completions", {**COMPLETION, "prompt": [int(HUGE)]}, 400, "prompt"),
+    ("negative prompt token id", "/completions", {**COMPLETION, "prompt": [-1]}, 400, "prompt"),
+    ("prompt of 1 MB", "/completions", {**COMPLETION, "prompt": "word " * 200_000}, 400, "prompt"),
+    ("body over the limit", "/completions", {**COMPLETION, "prompt": "word " * 300_000}, 413, None),
+    ("prompt far past the context", "/completions", {**COMPLETION, "prompt": "x" * 200_000}, 400, "prompt"),
+    ("embeddings from a chat model", "/embeddings", {"model": TINY, "input": "hi"}, 400, "model"),
+]
+
+FINE = [
+    # Values at the edges that are valid: each must answer 200.
+    ("seed -1", "/chat/completions", with_(seed=-1, temperature=1.0)),
+    ("seed 2**63-1 with n=2", "/chat/completions", with_(seed=2**63 - 1, n=2, temperature=1.0)),
+    ("repeat_last_n past the context", "/completions", {**COMPLETION, "repeat_penalty": 1.3, "repeat_last_n": 2**62}),
+    ("surrogate pair (an emoji)", "/chat/completions",
+     raw('{"model": "tiny-llama", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "max_tokens": 2}')),
+]
+
+
+def _send(server, path: str, body) -> Reply:
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    return request(server.base_url + path, "POST", body, {"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize("name,path,body,status,param", CORPUS, ids=[c[0] for c in CORPUS])
+def test_corpus_case_is_a_clear_4xx(tiny_server, name, path, body, status, param):
+    reply = _send(tiny_server, path, body)
+    assert reply.status == status, reply.body[:500]
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert len(reply.body) < 2000  # no echo of a huge value
+
+
+@pytest.mark.parametrize("name,path,body", FINE, ids=[c[0] for c in FINE])
+def test_edge_values_are_served(tiny_server, name, path, body):
+    reply = _send(tiny_server, path, body)
+    assert reply.status == 200, reply.body[:500]
+
+
+def test_the_corpus_disturbs_no_stream_in_flight(tiny_server):
+    """A stream runs while every bad request of the corpus arrives; it ends as it would have alone."""
+    body = {"model": TINY, "prompt": "once upon a time", "max_tokens": 120, "temperature": 0, "stream": True,
+            "logit_bias": {"0": -100, "1": -100, "2": -100}}
+    alone = _send(tiny_server, "/completions", body).body
+    with ThreadPoolExecutor(2) as pool:
+        streaming = pool.submit(_send, tiny_server, "/completions", body)
+        for _, path, bad, status, _ in CORPUS + [(c[0], "/chat/completions", c[1], c[3], c[4]) for c in CASES
+                                               if c[2] is None]:
+            assert _send(tiny_server, path, bad).status == status
+        together = streaming.result().body
+    texts = [[json.loads(e)["choices"][0]["text"] for e in sse_events(b) if e != "[DONE]"] for b in (alone, together)]
+    assert "".join(texts[0]) == "".join(texts[1]) and len(texts[0]) > 50
+    assert together.endswith(b"data: [DONE]\n\n")
+    assert tiny_server.alive() and "Traceback" not in tiny_server.log()

@@ -86,6 +86,8 @@ BAD = [
     ("empty string", ""), ("empty list", []), ("list with empty string", ["a", ""]),
     ("too many", ["a"] * 2049), ("number", 5), ("mixed list", ["a", 3]), ("object", {"text": "a"}),
     ("nested empty", [[]]), ("negative id", [-1, 5]),
+    # MiniLM's vocabulary has 30522 ids: one past it read memory past the embedding table, a huge one crashed.
+    ("id just past the vocabulary", [[30522]]), ("huge id", [[1000000]]), ("huge id alone", [7, 1000000]),
 ]
 
 

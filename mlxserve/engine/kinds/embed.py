@@ -14,6 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mlxserve.engine.kinds.encoders import ENCODERS
+from mlxserve.engine.kinds.text import check_token_ids, longest_token_bytes
 from mlxserve.protocol import ContextLengthExceededError
 
 Pooling = Callable[[mx.array, mx.array], mx.array]
@@ -66,9 +67,21 @@ class EmbeddingModel:
     pad_id: int
     special_prefix: list[int]
     special_suffix: list[int]
+    vocab_size: int
+    longest_token_bytes: int
 
     def tokenize(self, inputs: list[str | tuple[int, ...]], param: str = "input") -> list[list[int]]:
-        """Token ids with the model's special tokens; raises if one is longer than the model takes."""
+        """Token ids with the model's special tokens; raises if one is longer than the model takes.
+
+        Thread-safe: runs off the engine thread. Texts too long to fit are refused before tokenizing.
+        """
+        for i, item in enumerate(inputs):
+            if isinstance(item, tuple):
+                check_token_ids(item, self.vocab_size, param)
+            elif len(item.encode("utf-8", "surrogatepass")) > self.max_tokens * self.longest_token_bytes:
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {self.max_tokens} tokens, and input {i} is "
+                    "longer than any text of that many tokens can be. Shorten it.", param=param)
         texts = [i for i in inputs if isinstance(i, str)]
         encoded = iter(self.tokenizer.encode_batch(texts)) if texts else iter(())
         out = []
@@ -125,4 +138,6 @@ def load_embedding_model(name: str, path: Path) -> EmbeddingModel:
         pad_id=int(config.get("pad_token_id") or 0),
         special_prefix=empty[:1],
         special_suffix=empty[1:],
+        vocab_size=min(int(config.get("vocab_size") or tokenizer.get_vocab_size()), tokenizer.get_vocab_size()),
+        longest_token_bytes=longest_token_bytes(tokenizer),
     )

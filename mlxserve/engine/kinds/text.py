@@ -17,16 +17,39 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlxserve import __version__
 from mlxserve.engine.cpu import optimize_for_cpu
-from mlxserve.protocol import ChatMessage, InvalidRequestError
+from mlxserve.protocol import ChatMessage, ContextLengthExceededError, GenerationRequest, InvalidRequestError
+
+
+def check_token_ids(ids: tuple[int, ...] | list[int], vocab_size: int, param: str) -> None:
+    """Token ids from a client index the model's embedding table: one past its end reads foreign memory."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(
+            f"'{param}' holds the token id {bad}, which is not in this model's vocabulary "
+            f"(ids 0 to {vocab_size - 1})", param=param)
+
+
+def longest_token_bytes(tokenizer: Any) -> int:
+    """An upper bound of the bytes of text one token stands for: its vocabulary entry's UTF-8 length.
+
+    A vocabulary entry is never shorter than the text it decodes to (byte-level BPE spells each byte
+    as one character, SentencePiece spells a space as the 3-byte '▁' and a byte as '<0xAB>').
+    """
+    return max((len(t.encode("utf-8", "surrogatepass")) for t in tokenizer.get_vocab()), default=1)
 
 
 @dataclass
 class EncodedPrompt:
-    """What the model receives: `text` as the log shows it (images as placeholders), and its tokens."""
+    """What the model receives: `text` as the log shows it (images as placeholders), and its tokens.
+
+    Made off the engine thread (templating, tokenizing and decoding images cost time that grows with
+    the request); `vision_inputs` holds the processor's pixel arrays, which the engine thread turns
+    into input embeddings.
+    """
 
     text: str
     tokens: list[int]
-    embeddings: mx.array | None = None  # set for prompts with images
+    vision_inputs: dict[str, Any] | None = None  # numpy arrays, set for prompts with images
 
 
 @dataclass
@@ -40,6 +63,12 @@ class TextModel:
     vocab_size: int
     system_fingerprint: str
     vision: Any = None  # a VisionTower (kinds/vision.py) for models that accept images
+    longest_token_bytes: int = 64  # an upper bound of the text bytes one token stands for
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        """A prompt text longer than this cannot fit the context, whatever its tokens: refused untokenized."""
+        return self.context_length * self.longest_token_bytes
 
     @property
     def start_token_id(self) -> int:
@@ -65,8 +94,25 @@ class TextModel:
                 f"The model's chat template rejected these messages: {exc}", param="messages"
             ) from exc
 
+    def _check_size(self, text: str, param: str) -> None:
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > self.max_prompt_bytes:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {self.context_length} tokens, and the prompt "
+                f"({size} bytes) is longer than any prompt of that many tokens can be. Shorten the prompt.",
+                param=param)
+
+    def encode(self, request: GenerationRequest) -> EncodedPrompt:
+        """The request's prompt as the model will see it; thread-safe, and never on the engine thread."""
+        if request.messages is not None:
+            self._check_size("".join(m.text for m in request.messages), "messages")
+            return self.encode_chat(request.messages)
+        if isinstance(request.prompt, str):
+            self._check_size(request.prompt, "prompt")
+        return self.encode_prompt(request.prompt)
+
     def encode_chat(self, messages: tuple[ChatMessage, ...]) -> EncodedPrompt:
-        """The templated prompt, its token ids, and input embeddings when the messages hold images."""
+        """The templated prompt, its token ids, and the processor's image inputs when the messages hold images."""
         if self.vision is not None:  # its template expects content parts, images or not
             return self.vision.encode(messages, self.name)
         text = self.render_chat(messages)
@@ -76,11 +122,7 @@ class TextModel:
 
     def encode_prompt(self, prompt: str | tuple[int, ...]) -> EncodedPrompt:
         if isinstance(prompt, tuple):
-            vocab = len(self.tokenizer)
-            if any(t < 0 or t >= vocab for t in prompt):
-                raise InvalidRequestError(
-                    f"prompt token ids must be in [0, {vocab})", param="prompt"
-                )
+            check_token_ids(prompt, self.vocab_size, "prompt")
             return EncodedPrompt(self.tokenizer.decode(list(prompt)), list(prompt))
         return EncodedPrompt(prompt, self.tokenizer.encode(prompt, add_special_tokens=True))
 
@@ -112,9 +154,11 @@ def text_model_from(name: str, path: Path, model: nn.Module, tokenizer: Tokenize
         context_length=int(context),
         stop_token_ids=frozenset(stop_ids),
         default_temperature=float(generation.get("temperature", 1.0)),
-        vocab_size=int(config.get("vocab_size") or len(tokenizer)),
+        # Ids past the tokenizer's vocabulary decode to nothing, and past the embedding table read foreign memory.
+        vocab_size=min(int(config.get("vocab_size") or len(tokenizer)), len(tokenizer)),
         system_fingerprint=_fingerprint(name),
         vision=vision,
+        longest_token_bytes=longest_token_bytes(tokenizer),
     )
 
 

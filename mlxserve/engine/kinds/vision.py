@@ -46,7 +46,10 @@ class VisionTower:
     max_images: int
 
     def encode(self, messages: tuple[ChatMessage, ...], model_name: str) -> EncodedPrompt:
-        """Token ids (image placeholders expanded by the processor) and, with images, their input embeddings."""
+        """Token ids (image placeholders expanded by the processor) and, with images, its pixel inputs.
+
+        Decodes images and runs the processor (numpy only), so it runs off the engine thread.
+        """
         images = [part for m in messages for part in m.images]
         if len(images) > self.max_images:
             raise InvalidRequestError(
@@ -60,10 +63,15 @@ class VisionTower:
             return EncodedPrompt(prompt, self.processor.tokenizer.encode(prompt, add_special_tokens=False))
         pictures = [_first_frame(image.data) for image in images]
         inputs = self.processor(text=[prompt], images=[pictures], return_tensors="np")
+        return EncodedPrompt(prompt, inputs["input_ids"][0].tolist(),
+                             {k: v for k, v in inputs.items() if k != "attention_mask"})
+
+    def embed(self, encoded: EncodedPrompt) -> mx.array:
+        """The prompt's input embeddings, image features in place of the placeholders (engine thread)."""
+        inputs = encoded.vision_inputs
         ids = mx.array(inputs["input_ids"])
-        kwargs = {k: mx.array(v) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        embeddings = self.vlm.get_input_embeddings(ids, **kwargs).inputs_embeds
-        return EncodedPrompt(prompt, ids[0].tolist(), embeddings[0])
+        kwargs = {k: mx.array(v) for k, v in inputs.items() if k != "input_ids"}
+        return self.vlm.get_input_embeddings(ids, **kwargs).inputs_embeds[0]
 
 
 def _first_frame(data: bytes) -> Image.Image:
