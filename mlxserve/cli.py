@@ -64,7 +64,7 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--models-dir", type=_arg("models_dir"), metavar="DIR",
                        help="the model directory (default: HOME/models)")
     serve.add_argument(
-        "--model", dest="models", action="append", metavar="NAME",
+        "--models", "--model", dest="models", action="append", metavar="NAME",
         help=f"model to load at start; repeat for several (default: {DEFAULT_CHAT_MODEL} and "
              f"{DEFAULT_EMBEDDING_MODEL}). Requests may name any model in the model directory; "
              "it is loaded just in time.")
@@ -86,14 +86,18 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
                        help="requests that may wait for a slot; beyond that, 503 with Retry-After (default: 64)")
     serve.add_argument("--stall-seconds", type=_arg("stall_seconds"), metavar="SECONDS",
                        help="/health reports unhealthy when the engine loop is stuck this long (default: 60)")
-    serve.add_argument("--allow-model", dest="allowed_models", action="append", metavar="NAME",
+    serve.add_argument("--allowed-models", "--allow-model", dest="allowed_models", action="append", metavar="NAME",
                        help="only these models may be loaded; repeat for several (default: any model on disk)")
     serve.add_argument("--max-body-mb", type=_arg("max_body_mb"),
                        help="largest request body accepted, in MiB; larger ones get a 413 (default: 64)")
     serve.add_argument("--max-image-mb", type=_arg("max_image_mb"),
                        help="largest image accepted in a chat message, in MiB (default: 20)")
-    serve.add_argument("--no-remote-images", dest="remote_images", action="store_false", default=None,
-                       help="refuse http(s) image URLs instead of fetching them")
+    serve.add_argument("--remote-images", action=argparse.BooleanOptionalAction, default=None,
+                       help="fetch http(s) image URLs, from public addresses only unless their host is in "
+                            "--remote-image-hosts (default: off; send images as data: URLs)")
+    serve.add_argument("--remote-image-hosts", type=_arg("remote_image_hosts"), metavar="HOSTS",
+                       help="comma-separated hosts that remote image URLs may name; .example.com also allows "
+                            "its subdomains (default: any public host)")
     serve.add_argument("--image-folder", type=_arg("image_folder"), metavar="DIR",
                        help="allow file:// image URLs inside DIR (default: file:// URLs are refused)")
     serve.add_argument("--api-key", type=_arg("api_key"), metavar="KEY",
@@ -103,14 +107,25 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--cors", type=_arg("cors"), metavar="ORIGINS",
                        help="let browsers on these origins call the API: comma-separated, or * for any "
                             "(default: CORS off)")
+    serve.add_argument("--allowed-hosts", type=_arg("allowed_hosts"), metavar="NAMES",
+                       help="comma-separated names clients may use in the Host header, besides IP addresses, "
+                            "localhost and this machine's name; * for any (guards against DNS rebinding)")
     serve.add_argument("--log-level", type=_arg("log_level"),
                        help="debug, info, warning or error; debug also logs prompts (default: info)")
     serve.add_argument("--log-file", type=_arg("log_file"), metavar="FILE",
                        help="rotating log with one line per request (default: HOME/logs/mlxserve.log)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags (`--models x` must never be read as `--models-dir x`); sub-commands inherit it."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mlxserve",
         description="A local OpenAI-compatible LLM server on MLX. "
                     "Point any OpenAI SDK at http://127.0.0.1:1234/v1.")
@@ -157,23 +172,34 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("--force", action="store_true", help="replace a model of the same name")
     _add_home(import_)
 
-    rm = commands.add_parser("rm", help="delete a model from disk (unloading it from a running server first)")
-    rm.add_argument("name")
+    rm = commands.add_parser(
+        "rm", help="delete a model from disk (unloading it from a running server first)",
+        description="Delete a model's folder from the model directory. A running server (the one `server "
+                    "start` recorded, or --host/--port) unloads it first; one still serving it stops the removal.")
+    rm.add_argument("name", help="model id, as `mlxserve ls` shows it")
     _add_server_address(rm)
 
-    ps = commands.add_parser("ps", help="models loaded in the running server")
+    ps = commands.add_parser(
+        "ps", help="models loaded in the running server",
+        description="Models loaded in the running server: memory, time left before the idle TTL unloads "
+                    "them, requests in flight; and MLX's memory in use.")
     ps.add_argument("--json", action="store_true", help="print JSON for scripts")
     _add_server_address(ps)
 
-    load = commands.add_parser("load", help="load a model into the running server")
-    load.add_argument("name")
+    load = commands.add_parser(
+        "load", help="load a model into the running server",
+        description="Load a model into the running server now, instead of at its first request.")
+    load.add_argument("name", help="model id, as `mlxserve ls` shows it")
     load.add_argument("--ttl", type=float, metavar="SECONDS",
                       help="unload it after this many idle seconds (default: the server's --ttl)")
     _add_server_address(load)
 
-    unload = commands.add_parser("unload", help="unload a model (or --all) from the running server")
+    unload = commands.add_parser(
+        "unload", help="unload a model (or --all) from the running server",
+        description="Unload a model from the running server and return its memory; a model serving "
+                    "requests is not unloaded (try again when they finish).")
     target = unload.add_mutually_exclusive_group(required=True)
-    target.add_argument("name", nargs="?")
+    target.add_argument("name", nargs="?", help="model id, as `mlxserve ps` shows it")
     target.add_argument("--all", action="store_true", help="unload every model")
     _add_server_address(unload)
 

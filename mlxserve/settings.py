@@ -168,11 +168,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("stall_seconds", _seconds, "/health is unhealthy when the engine loop is stuck this long"),
     Option("max_body_mb", _megabytes, "largest request body, MiB"),
     Option("max_image_mb", _megabytes, "largest image in a chat message, MiB"),
-    Option("remote_images", _flag, "fetch http(s) image URLs"),
+    Option("remote_images", _flag, "fetch http(s) image URLs (public addresses only, unless listed in "
+           "remote_image_hosts)"),
+    Option("remote_image_hosts", _names, "the only hosts remote image URLs may name (.example.com: and its "
+           "subdomains); they may be private addresses"),
     Option("image_folder", _path, "folder that file:// image URLs may read from"),
     Option("api_key", _text, "clients must send `Authorization: Bearer <key>`", secret=True),
     Option("api_key_file", _path, "file holding the API key (first line)"),
     Option("cors", _names, "origins allowed to call from a browser, or *"),
+    Option("allowed_hosts", _names, "names the server answers to in the Host header, besides IP addresses, "
+           "localhost and this machine's name; * for any"),
     Option("log_level", _log_level, "debug, info, warning or error; debug also logs prompts"),
     Option("log_file", _path, "rotating log of the server and one line per request (default: HOME/logs/mlxserve.log)"),
 )
@@ -195,11 +200,13 @@ class Settings:
     stall_seconds: float = 60.0
     max_body_mb: float = 64.0
     max_image_mb: float = 20.0
-    remote_images: bool = True
+    remote_images: bool = False
+    remote_image_hosts: tuple[str, ...] = ()
     image_folder: Path | None = None
     api_key: str | None = None
     api_key_file: Path | None = None
     cors: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
     log_level: str = "info"
     log_file: Path | None = None  # None: home/logs/mlxserve.log
 

@@ -48,7 +48,8 @@ def vlm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def vlm_server(vlm_home: Path):
-    server = ServerProcess(vlm_home, [TINY_VLM])
+    # Remote images are off by default; these tests fetch from loopback servers of their own.
+    server = ServerProcess(vlm_home, [TINY_VLM], ["--remote-images", "--remote-image-hosts", "127.0.0.1"])
     yield server
     server.stop()
 

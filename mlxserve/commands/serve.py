@@ -44,6 +44,7 @@ def serve(settings: Settings) -> None:
                     max_concurrent=settings.max_concurrent, max_queue=settings.max_queue,
                     stall_seconds=settings.stall_seconds)
     images = ImagePolicy(max_bytes=settings.max_image_bytes, allow_remote=settings.remote_images,
+                         remote_hosts=tuple(h.lower() for h in settings.remote_image_hosts),
                          file_folder=settings.image_folder)
     key = settings.key()
     app = create_app(engine, max_body_bytes=settings.max_body_bytes, image_policy=images,

@@ -189,16 +189,20 @@ class Engine:
             raise first
         return request_id, events, first
 
-    async def generate(self, request: GenerationRequest) -> GenerationStream:
-        """Queue `request`; raise its MlxserveError (unknown model, context too long, ...) before streaming."""
+    def check(self, request: GenerationRequest) -> None:
+        """Raise what is wrong with the request's model (unknown, not allowed, wrong kind, no images)
+        before anything costly happens for it, such as fetching its images."""
         capability = "chat" if request.messages is not None else "completions"
         info = self._require(request.model, capability, "this endpoint", "a chat (text generation) model")
         images = [i for m in request.messages or () for i in m.images]
-        capabilities = info.capabilities
-        if images and "vision" not in capabilities:
+        if images and "vision" not in info.capabilities:
             raise WrongModelKindError(
                 f"The model '{request.model}' does not accept images (its capabilities: "
-                f"{', '.join(capabilities)}); send text only or use a vision model", param=images[0].where)
+                f"{', '.join(info.capabilities)}); send text only or use a vision model", param=images[0].where)
+
+    async def generate(self, request: GenerationRequest) -> GenerationStream:
+        """Queue `request`; raise its MlxserveError (unknown model, context too long, ...) before streaming."""
+        self.check(request)
         self._admit()
         try:
             model = await self._loaded(request.model, request.ttl)

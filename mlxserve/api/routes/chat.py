@@ -19,6 +19,7 @@ bp = Blueprint("chat", url_prefix="/v1")
 @bp.post("/chat/completions")
 async def chat_completions(request: Request) -> HTTPResponse | None:
     parsed = parse_chat(json_object(request))
+    request.app.ctx.engine.check(parsed.request)  # the model takes images, before any image is fetched
     messages = await resolve_images(parsed.request.messages, request.app.ctx.image_policy)
     parsed = replace(parsed, request=replace(parsed.request, messages=messages))
     return await respond(request, request.app.ctx.engine, parsed, CHAT)
