@@ -73,6 +73,9 @@ class GenerationRequest:
     n: int = 1
     # None: no logprobs; k >= 0: the chosen token's logprob plus the k most likely alternatives.
     logprobs: int | None = None
+    # Requests share prompt-cache entries only within one scope (one API key), so that `cached_tokens`
+    # cannot tell one client what another one's prompts begin with.
+    cache_scope: str = ""
 
 
 # --- events -------------------------------------------------------------------

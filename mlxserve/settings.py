@@ -226,17 +226,23 @@ class Settings:
     def max_image_bytes(self) -> int:
         return int(self.max_image_mb * 1024 * 1024)
 
+    def keys(self) -> tuple[str, ...]:
+        """The API keys: `api_key`, and every non-empty line of `api_key_file` (one per client)."""
+        keys = [self.api_key] if self.api_key else []
+        if self.api_key_file is not None:
+            try:
+                lines = [line.strip() for line in self.api_key_file.read_text().splitlines()]
+            except (OSError, UnicodeDecodeError):
+                raise ConfigError(f"api_key_file: cannot read {self.api_key_file}") from None
+            if not any(lines):
+                raise ConfigError(f"api_key_file: {self.api_key_file} holds no key")
+            keys += [line for line in lines if line]
+        return tuple(keys)
+
     def key(self) -> str | None:
-        """The API key: `api_key`, else the first line of `api_key_file`."""
-        if self.api_key:
-            return self.api_key
-        if self.api_key_file is None:
-            return None
-        try:
-            key = self.api_key_file.read_text().strip().splitlines()[0].strip()
-        except (OSError, IndexError):
-            raise ConfigError(f"api_key_file: cannot read an API key from {self.api_key_file}") from None
-        return key or None
+        """The key the CLI sends to the server: the first one."""
+        keys = self.keys()
+        return keys[0] if keys else None
 
 
 def config_path(home: Path, explicit: Path | None = None) -> Path:
@@ -287,7 +293,7 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None,
             sources[option.name] = "command line"
     if settings.allowed_models is not None:  # only what may be loaded is loaded at start
         settings.models = tuple(m for m in settings.models if m in settings.allowed_models)
-    settings.key()  # an unreadable key file stops the server here
+    settings.keys()  # an unreadable key file stops the server here
     return settings, sources
 
 

@@ -13,8 +13,10 @@ from mlxserve.api.routes import admin, chat, completions, embeddings, health, mo
 
 
 def create_app(engine: Any, *, max_body_bytes: int, image_policy: ImagePolicy,
-               preload: tuple[str, ...] = (), api_key: str | None = None, cors: tuple[str, ...] = ()) -> Sanic:
-    """`engine` offers list_models, get_model, generate, embed, start(preload) and stop()."""
+               preload: tuple[str, ...] = (), api_keys: tuple[str, ...] = (), cors: tuple[str, ...] = (),
+               host_names: frozenset[str] = frozenset({"localhost"})) -> Sanic:
+    """`engine` offers list_models, get_model, generate, embed, start(preload) and stop().
+    `host_names`: the names clients may use in the Host header besides IP addresses."""
     # mlxserve configures logging itself (cli.py); Sanic would add a second handler.
     app = Sanic("mlxserve", configure_logging=False)
     app.config.REQUEST_MAX_SIZE = max_body_bytes
@@ -28,7 +30,7 @@ def create_app(engine: Any, *, max_body_bytes: int, image_policy: ImagePolicy,
     for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, admin.bp, health.bp):
         app.blueprint(bp)
     register_error_handler(app)
-    security.install(app, api_key, cors)
+    security.install(app, api_keys, cors, host_names)
     access_log.install(app)
 
     @app.before_server_start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Protocol
 
 from sanic import Request
@@ -31,7 +32,8 @@ async def respond(request: Request, engine: Generator, parsed: ParsedGeneration,
                   fmt: ResponseFormat) -> HTTPResponse | None:
     """Run the generation; a client that disconnects cancels it (Sanic cancels this task)."""
     request.ctx.model = parsed.request.model
-    stream = await engine.generate(parsed.request)
+    scope = getattr(request.ctx, "key_scope", "")
+    stream = await engine.generate(replace(parsed.request, cache_scope=scope) if scope else parsed.request)
     try:
         if parsed.stream:
             request.ctx.streaming = True

@@ -34,6 +34,7 @@ def _is_loopback(host: str) -> bool:
 def serve(settings: Settings) -> None:
     from mlxserve.api.app import create_app
     from mlxserve.api.images import ImagePolicy
+    from mlxserve.api.security import host_names
     from mlxserve.engine.engine import Engine
     from mlxserve.engine.store import ModelStore
 
@@ -46,10 +47,11 @@ def serve(settings: Settings) -> None:
     images = ImagePolicy(max_bytes=settings.max_image_bytes, allow_remote=settings.remote_images,
                          remote_hosts=tuple(h.lower() for h in settings.remote_image_hosts),
                          file_folder=settings.image_folder)
-    key = settings.key()
+    keys = settings.keys()
     app = create_app(engine, max_body_bytes=settings.max_body_bytes, image_policy=images,
-                     preload=settings.models, api_key=key, cors=settings.cors)
-    if key is None and not _is_loopback(settings.host):
+                     preload=settings.models, api_keys=keys, cors=settings.cors,
+                     host_names=host_names(settings.host, settings.allowed_hosts))
+    if not keys and not _is_loopback(settings.host):
         print(f"mlxserve: WARNING: listening on {settings.host}, reachable from other machines, without an "
               "API key: anyone who can reach this port can use and manage your models. Set --api-key (or "
               "api_key_file in config.toml), or bind to 127.0.0.1.", file=sys.stderr, flush=True)

@@ -250,7 +250,7 @@ class _ModelRunner:
             prompts, history = [tokens[-1:]] * req.n, [tokens[:-1]] * req.n
             caches = [self._prefill(tokens[:-1], embeddings[:-1]) for _ in range(req.n)]
         else:
-            cache, rest = self._cached_prefix(tokens)
+            cache, rest = self._cached_prefix(req.cache_scope, tokens)
             active.cached_tokens = len(tokens) - len(rest)
             prompts, history = [rest] * req.n, [tokens[: active.cached_tokens]] * req.n
             caches = None if cache is None else [cache] + [copy.deepcopy(cache) for _ in range(req.n - 1)]
@@ -275,11 +275,15 @@ class _ModelRunner:
                            "cached_tokens": active.cached_tokens,
                            "images": sum(len(m.images) for m in req.messages or ()), "n": req.n})
 
-    def _cached_prefix(self, tokens: list[int]) -> tuple[list | None, list[int]]:
-        """A copy of the KV cache of the longest cached prefix of `tokens`, and the tokens left to prefill."""
+    def _cache_key(self, scope: str) -> str:
+        return f"{self.model.name}\x00{scope}"
+
+    def _cached_prefix(self, scope: str, tokens: list[int]) -> tuple[list | None, list[int]]:
+        """A copy of the KV cache of the longest cached prefix of `tokens` in the request's scope,
+        and the tokens left to prefill."""
         if self.prompt_cache is None:
             return None, tokens
-        cache, rest = self.prompt_cache.fetch_nearest_cache(self.model.name, tokens)
+        cache, rest = self.prompt_cache.fetch_nearest_cache(self._cache_key(scope), tokens)
         if cache is not None and not rest:
             # The whole prompt is cached: recompute its last token, whose logits start the answer.
             if not can_trim_prompt_cache(cache):
@@ -294,7 +298,8 @@ class _ModelRunner:
             # mlx-lm extracts the sequence's KV as a lazy slice of the whole batch's buffer: evaluated
             # now, the entry owns exactly the bytes the cache counts instead of keeping the batch alive.
             mx.eval([c.state for c in response.prompt_cache])
-            self.prompt_cache.insert_cache(self.model.name, list(response.all_tokens), response.prompt_cache)
+            self.prompt_cache.insert_cache(self._cache_key(choice.owner.request.cache_scope),
+                                           list(response.all_tokens), response.prompt_cache)
 
     def _prefill(self, tokens: list[int], embeddings: mx.array) -> list:
         cache = make_prompt_cache(self.model.model)

@@ -18,7 +18,8 @@ WEB = "https://chat.example"
 
 @pytest.fixture(scope="module")
 def locked(tiny_home: Path):
-    server = ServerProcess(tiny_home, [TINY], ["--api-key", KEY, "--cors", f"{WEB},http://localhost:3000"])
+    server = ServerProcess(tiny_home, [TINY], ["--api-key", KEY, "--cors", f"{WEB},http://localhost:3000",
+                                               "--allowed-hosts", "my.lan"])
     yield server
     server.stop()
 
@@ -93,3 +94,41 @@ def test_listening_beyond_loopback_without_a_key_warns(tiny_home: Path):
         assert "without an API key" not in keyed.log()
     finally:
         keyed.stop()
+
+
+@pytest.mark.parametrize("host,allowed", [
+    ("evil.example", False), ("evil.example:1234", False), ("127.0.0.1.nip.io", False),
+    ("localhost", True), ("LOCALHOST:1234", True), ("127.0.0.1:1234", True), ("[::1]:1234", True),
+    ("app.localhost", True), ("my.lan", True), ("my.lan.", True),
+])
+def test_the_host_header_must_name_this_server(locked: ServerProcess, host: str, allowed: bool):
+    """DNS rebinding: a page at evil.example whose name resolves to 127.0.0.1 must get nowhere."""
+    for path in ("/v1/models", "/api/v0/logs/stream", "/health"):
+        if path.endswith("stream") and allowed:
+            continue  # would stay open
+        reply = request(locked.base_url.removesuffix("/v1") + path, headers={"Host": host,
+                                                                             "Authorization": f"Bearer {KEY}"})
+        if allowed:
+            assert reply.status == 200, (path, reply.body)
+        else:
+            assert reply.status == 403 and reply.json()["error"]["code"] == "invalid_host", (path, reply.body)
+
+
+def test_each_api_key_has_a_prompt_cache_of_its_own(tiny_home: Path, tmp_path: Path):
+    """Otherwise cached_tokens would tell one client how another one's prompts begin."""
+    keys = tmp_path / "keys"
+    keys.write_text("sk-alice\n\nsk-bob\n")
+    server = ServerProcess(tiny_home, [TINY], ["--api-key-file", str(keys)])
+    try:
+        alice, bob = (OpenAI(base_url=server.base_url, api_key=k, max_retries=0) for k in ("sk-alice", "sk-bob"))
+        secret = [{"role": "user", "content": "my secret project is called bluebird and it is due friday"}]
+
+        def cached(client: OpenAI) -> int:
+            reply = client.chat.completions.create(model=TINY, messages=secret, max_tokens=2, temperature=0)
+            return reply.usage.prompt_tokens_details.cached_tokens
+
+        assert cached(alice) == 0
+        assert cached(bob) == 0  # same prompt, other key: nothing shared
+        assert cached(alice) > 10 and cached(bob) > 10  # each key reuses its own
+    finally:
+        server.stop()
