@@ -88,6 +88,9 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
                        help="/health reports unhealthy when the engine loop is stuck this long (default: 60)")
     serve.add_argument("--allowed-models", "--allow-model", dest="allowed_models", action="append", metavar="NAME",
                        help="only these models may be loaded; repeat for several (default: any model on disk)")
+    serve.add_argument("--request-timeout", type=_arg("request_timeout"), metavar="SECONDS",
+                       help="seconds a client has to send a request's headers, and again its body; slower "
+                            "ones get a 408 (default: 60)")
     serve.add_argument("--max-body-mb", type=_arg("max_body_mb"),
                        help="largest request body accepted, in MiB; larger ones get a 413 (default: 64)")
     serve.add_argument("--max-image-mb", type=_arg("max_image_mb"),

@@ -166,6 +166,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_concurrent", _whole(1), "sequences each model generates at once"),
     Option("max_queue", _whole(0), "requests that may wait for a slot before 503s"),
     Option("stall_seconds", _seconds, "/health is unhealthy when the engine loop is stuck this long"),
+    Option("request_timeout", _seconds, "seconds a client has to send a request's headers, and again its body"),
     Option("max_body_mb", _megabytes, "largest request body, MiB"),
     Option("max_image_mb", _megabytes, "largest image in a chat message, MiB"),
     Option("remote_images", _flag, "fetch http(s) image URLs (public addresses only, unless listed in "
@@ -198,6 +199,7 @@ class Settings:
     max_concurrent: int = 32
     max_queue: int = 64
     stall_seconds: float = 60.0
+    request_timeout: float = 60.0
     max_body_mb: float = 64.0
     max_image_mb: float = 20.0
     remote_images: bool = False

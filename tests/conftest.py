@@ -27,7 +27,7 @@ def tiny_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_home: Path):
-    server = ServerProcess(tiny_home, [TINY], ["--max-body-mb", "1", "--max-image-mb", "0.05"])
+    server = ServerProcess(tiny_home, [TINY], ["--max-body-mb", "1", "--max-image-mb", "0.05", "--request-timeout", "2"])
     yield server
     server.stop()
 

@@ -7,6 +7,7 @@ from typing import Any
 from sanic import Sanic
 
 from mlxserve.api import access_log, security
+from mlxserve.api.body import TimedRequest
 from mlxserve.api.errors import register_error_handler
 from mlxserve.api.images import ImagePolicy
 from mlxserve.api.routes import admin, chat, completions, embeddings, health, models
@@ -14,12 +15,14 @@ from mlxserve.api.routes import admin, chat, completions, embeddings, health, mo
 
 def create_app(engine: Any, *, max_body_bytes: int, image_policy: ImagePolicy,
                preload: tuple[str, ...] = (), api_keys: tuple[str, ...] = (), cors: tuple[str, ...] = (),
-               host_names: frozenset[str] = frozenset({"localhost"})) -> Sanic:
+               host_names: frozenset[str] = frozenset({"localhost"}), request_timeout: float = 60) -> Sanic:
     """`engine` offers list_models, get_model, generate, embed, start(preload) and stop().
     `host_names`: the names clients may use in the Host header besides IP addresses."""
     # mlxserve configures logging itself (cli.py); Sanic would add a second handler.
-    app = Sanic("mlxserve", configure_logging=False)
+    request_class = type("Request", (TimedRequest,), {"body_timeout": request_timeout})
+    app = Sanic("mlxserve", configure_logging=False, request_class=request_class)
     app.config.REQUEST_MAX_SIZE = max_body_bytes
+    app.config.REQUEST_TIMEOUT = request_timeout  # the headers; TimedRequest bounds the body
     app.config.MOTD = False
     app.config.KEEP_ALIVE_TIMEOUT = 75
     # Sanic's default (60 s) cuts off any response still running, which kills long generations

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from sanic import Request
 
 from mlxserve.api.errors import APIError
+
+
+class TimedRequest(Request):
+    """Sanic reads a body with no time limit of its own (only the response timeout, days long, applies),
+    so a client that stops sending half-way would hold its connection forever: this bounds the read."""
+
+    body_timeout: float = 60.0
+
+    async def receive_body(self) -> None:
+        try:
+            await asyncio.wait_for(super().receive_body(), self.body_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"The request body did not arrive within {self.body_timeout:g} s") from None
 
 
 def _lone_surrogate(value: Any) -> str | None:

@@ -85,7 +85,16 @@ async def _handle(request: Request, exc: Exception) -> HTTPResponse:
     if isinstance(exc, SanicException):
         status = exc.status_code
         message = str(exc) or "Request failed"
-        if status == 405:
+        if status == 413 and request.method == "NONE":  # the head, not the body, was too large
+            head = bytes(getattr(request.stream, "recv_buffer", b""))
+            line = head.find(b"\r\n")
+            if line == -1 or line >= getattr(request.stream, "HEADER_MAX_SIZE", 8192):  # the request line alone
+                status, message = 414, "The request URL is too long"
+            else:
+                status, message = 431, "The request's headers are too large"
+        elif status == 408:
+            message = "The request did not arrive in time"
+        elif status == 405:
             message = f"Method {request.method} is not allowed on {request.path}"
         elif status == 404:
             message = f"Unknown route {request.method} {request.path}"

@@ -50,7 +50,8 @@ def serve(settings: Settings) -> None:
     keys = settings.keys()
     app = create_app(engine, max_body_bytes=settings.max_body_bytes, image_policy=images,
                      preload=settings.models, api_keys=keys, cors=settings.cors,
-                     host_names=host_names(settings.host, settings.allowed_hosts))
+                     host_names=host_names(settings.host, settings.allowed_hosts),
+                     request_timeout=settings.request_timeout)
     if not keys and not _is_loopback(settings.host):
         print(f"mlxserve: WARNING: listening on {settings.host}, reachable from other machines, without an "
               "API key: anyone who can reach this port can use and manage your models. Set --api-key (or "

@@ -1,6 +1,8 @@
 """Every kind of bad request gets an OpenAI-style 4xx, and the server keeps serving without logging a crash."""
 
 import http.client
+import socket
+import time
 import json
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
@@ -208,3 +210,31 @@ def test_the_corpus_disturbs_no_stream_in_flight(tiny_server):
     assert "".join(texts[0]) == "".join(texts[1]) and len(texts[0]) > 50
     assert together.endswith(b"data: [DONE]\n\n")
     assert tiny_server.alive() and "Traceback" not in tiny_server.log()
+
+
+def _raw_exchange(server, data: bytes, wait: float = 10) -> bytes:
+    parts = urlsplit(server.base_url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=wait) as conn:
+        conn.sendall(data)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+            if b"\r\n\r\n" in received and b'"error"' in received and received.rstrip().endswith(b"}"):
+                break
+        return received
+
+
+def test_oversized_headers_are_431_and_an_oversized_url_is_414(tiny_server):
+    headers = _raw_exchange(tiny_server, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 20000
+                            + b"\r\n\r\n")
+    assert headers.startswith(b"HTTP/1.1 431 ") and b'"error"' in headers
+    url = _raw_exchange(tiny_server, b"GET /v1/" + b"a" * 20000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert url.startswith(b"HTTP/1.1 414 ") and b'"error"' in url
+
+
+def test_a_body_that_stops_half_way_gets_a_408_instead_of_holding_the_connection(tiny_server):
+    started = time.monotonic()
+    reply = _raw_exchange(tiny_server, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":", wait=20)
+    assert reply.startswith(b"HTTP/1.1 408 ") and b"did not arrive" in reply
+    assert time.monotonic() - started < 10  # the test server's --request-timeout is 2 s
