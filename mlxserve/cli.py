@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -302,3 +303,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"mlxserve: {exc}")
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:  # `mlxserve ls --json | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

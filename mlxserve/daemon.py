@@ -84,17 +84,36 @@ def start(home: Path, host: str, port: int, serve_args: list[str], wait: float =
             raise ClientError(f"the server exited with status {process.returncode}; see {log}:\n"
                               + _tail(log))
         try:
-            client.get("/health")  # open even when an API key is set
-            return record
-        except ClientError:
-            time.sleep(0.25)
+            if client.get("/health")["pid"] == process.pid:  # open even when an API key is set
+                return record
+        except (ClientError, KeyError, TypeError):
+            pass
+        time.sleep(0.25)
     raise ClientError(f"the server (pid {process.pid}) did not answer within {wait:.0f}s; see {log}")
+
+
+def _is_mlxserve(record: ServerRecord) -> bool:
+    """Whether the recorded pid is still that server, not another program that got the pid since."""
+    try:
+        if AdminClient(record.url, timeout=5).get("/health")["pid"] == record.pid:
+            return True
+    except (ClientError, KeyError, TypeError):
+        pass  # a wedged server does not answer: look at its command line
+    try:
+        command = subprocess.run(["ps", "-o", "command=", "-p", str(record.pid)], capture_output=True,
+                                 text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "mlxserve" in command and " serve" in command
 
 
 def stop(home: Path, wait: float = 30) -> ServerRecord | None:
     """Stop the background server (SIGTERM, then SIGKILL after `wait`); None if none was running."""
     record = running(home)
     if record is None:
+        return None
+    if not _is_mlxserve(record):  # the server died and its pid went to another program: leave that alone
+        record_path(home).unlink(missing_ok=True)
         return None
     os.kill(record.pid, signal.SIGTERM)
     deadline = time.monotonic() + wait

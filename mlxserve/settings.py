@@ -8,6 +8,7 @@ same message, naming where it came from, before the server starts.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -52,10 +53,10 @@ def parse_bytes(text: str) -> int:
 
 
 def human_bytes(n: int) -> str:
-    """Bytes for people: '1.25 GB', '350 MB', '12 KB'."""
+    """Bytes for people, in the binary units they are counted in: '1.25 GiB', '350 MiB', '12 KiB'."""
     if n >= GB:
-        return f"{n / GB:.2f} GB"
-    return f"{n / 1024**2:.0f} MB" if n >= 1024**2 else f"{n / 1024:.0f} KB"
+        return f"{n / GB:.2f} GiB"
+    return f"{n / 1024**2:.0f} MiB" if n >= 1024**2 else f"{n / 1024:.0f} KiB"
 
 
 def default_home() -> Path:
@@ -286,6 +287,7 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None,
     path = config_path(settings.home, config)
     for name, value in _read_file(path).items():
         _apply(settings, sources, name, value, f"{path}")
+    _check_environment(environ)
     for option in OPTIONS:
         if option.env in environ:
             _apply(settings, sources, option.name, environ[option.env], f"environment {option.env}")
@@ -297,6 +299,20 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None,
         settings.models = tuple(m for m in settings.models if m in settings.allowed_models)
     settings.keys()  # an unreadable key file stops the server here
     return settings, sources
+
+
+# Variables that are not settings: where the home and config file are, and the CPU BLAS switches (blas.py).
+OTHER_VARIABLES = ("MLXSERVE_HOME", "MLXSERVE_CONFIG", "MLXSERVE_BLAS", "MLXSERVE_BLAS_SHIM")
+
+
+def _check_environment(environ: Mapping[str, str]) -> None:
+    """A misspelled MLXSERVE_* variable would otherwise be ignored without a word."""
+    known = {o.env for o in OPTIONS} | set(OTHER_VARIABLES)
+    for name in sorted(environ):
+        if name.startswith("MLXSERVE_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f" (known: {', '.join(sorted(known))})"
+            raise ConfigError(f"unknown environment variable {name}{hint}")
 
 
 def _apply(settings: Settings, sources: dict[str, str], name: str, value: Any, where: str) -> None:
@@ -312,6 +328,10 @@ def describe(settings: Settings, sources: Mapping[str, str]) -> list[tuple[str, 
     rows = [("home", str(settings.home), sources["home"])]
     for option in OPTIONS:
         value = getattr(settings, option.name)
+        if option.name == "models_dir":
+            value = settings.model_directory  # what is used, when it is the default too
+        elif option.name == "log_file":
+            value = settings.log_path
         if option.secret and value:
             shown = "(set, hidden)"
         elif isinstance(value, tuple):

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,7 @@ import pytest
 from tests.conftest import TINY
 from tests.fixtures.cli import mlxserve
 from tests.fixtures.http import request
-from tests.fixtures.server import free_port
+from tests.fixtures.server import ServerProcess, free_port
 
 
 @pytest.fixture
@@ -108,3 +112,72 @@ def test_rm_without_a_server_removes_from_disk(tmp_path: Path, tiny_home: Path):
     shutil.copytree(tiny_home / "models" / TINY, home / "models" / "gone")
     assert "Removed gone" in mlxserve(home, "rm", "gone", "--port", str(free_port())).stdout
     assert not (home / "models" / "gone").exists()
+
+
+def test_serve_on_a_port_in_use_says_so_without_a_traceback(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = mlxserve(tmp_path, "serve", "--no-preload", "--port", str(port), check=False, timeout=60)
+    assert result.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_server_start_on_a_port_another_server_holds_fails(tmp_path: Path, tiny_home: Path):
+    other = ServerProcess(tiny_home, [])
+    try:
+        result = mlxserve(tmp_path, "server", "start", "--port", str(other.port), "--no-preload", check=False)
+        assert result.returncode != 0 and "cannot listen" in result.stderr
+        assert not (tmp_path / "server.json").exists()
+    finally:
+        other.stop()
+
+
+def test_server_stop_never_kills_a_program_that_took_a_dead_servers_pid(tmp_path: Path):
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "server.json").write_text(json.dumps(
+            {"pid": bystander.pid, "host": "127.0.0.1", "port": free_port(), "log": "x"}))
+        result = mlxserve(tmp_path, "server", "stop")
+        assert "No background server is running" in result.stdout
+        assert bystander.poll() is None and not (tmp_path / "server.json").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_ls_json_into_a_closed_pipe_ends_quietly(tmp_path: Path):
+    for i in range(600):  # more JSON than a pipe holds, so the writer really meets the closed pipe
+        folder = tmp_path / "models" / f"model-{i:04d}"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 2048}')
+    result = subprocess.run(f"{sys.executable} -m mlxserve ls --json | head -n 2", shell=True, capture_output=True,
+                            text=True, env={**os.environ, "MLXSERVE_HOME": str(tmp_path)}, timeout=120)
+    assert result.stdout.splitlines()[0] == "[" and "Error" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_on_a_terminal_prints_no_sanic_developer_hints(tmp_path: Path):
+    import pty
+
+    port = free_port()
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ["MLXSERVE_HOME"] = str(tmp_path)
+        os.execv(sys.executable, [sys.executable, "-m", "mlxserve", "serve", "--no-preload", "--port", str(port)])
+    output = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and b"Worker ready" not in output and b"serving" not in output:
+            try:
+                output += os.read(fd, 4096)
+            except OSError:
+                break
+        time.sleep(1.0)
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            output += os.read(fd, 65536)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+    assert b"serving" in output and b"PRODUCTION" not in output and b"--debug" not in output

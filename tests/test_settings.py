@@ -61,3 +61,42 @@ def test_config_show_prints_values_and_sources_but_never_the_key(tmp_path: Path)
     assert "3" in lines["max_queue"] and "environment MLXSERVE_MAX_QUEUE" in lines["max_queue"]
     assert "(default)" in lines["max_concurrent"]
     assert "s3cret-key" not in out and "hidden" in lines["api_key"]
+
+
+def test_every_setting_is_a_serve_flag_of_the_same_name():
+    """The README promises one name per setting: key, MLXSERVE_<NAME> and --<name>."""
+    from mlxserve.cli import build_parser
+    from mlxserve.settings import OPTIONS
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = {flag for action in serve._actions for flag in action.option_strings}
+    missing = [o.name for o in OPTIONS if "--" + o.name.replace("_", "-") not in flags]
+    assert missing == []
+
+
+def test_an_unknown_mlxserve_variable_stops_with_a_suggestion(tmp_path: Path):
+    with pytest.raises(ConfigError, match="unknown environment variable MLXSERVE_MAX_CONCURENT; did you mean "
+                                          "MLXSERVE_MAX_CONCURRENT"):
+        resolve({"home": tmp_path}, environ={"MLXSERVE_MAX_CONCURENT": "4"})
+    result = mlxserve(tmp_path, "config", "show", env={"MLXSERVE_PROMPTCACHE": "1GB"}, check=False)
+    assert result.returncode != 0 and "MLXSERVE_PROMPT_CACHE" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_config_show_prints_the_paths_really_used(tmp_path: Path):
+    out = mlxserve(tmp_path, "config", "show").stdout
+    lines = {line.split()[0]: line for line in out.splitlines() if not line.startswith("#")}
+    assert str(tmp_path / "models") in lines["models_dir"] and "(default)" in lines["models_dir"]
+    assert str(tmp_path / "logs" / "mlxserve.log") in lines["log_file"]
+
+
+def test_abbreviated_flags_are_refused(tmp_path: Path):
+    """`--models-d x` must not quietly become --models-dir x (nor --model become --models-dir)."""
+    result = mlxserve(tmp_path, "serve", "--models-d", str(tmp_path), "--no-preload", check=False, timeout=60)
+    assert result.returncode != 0 and "unrecognized arguments: --models-d" in result.stderr
+
+
+def test_sizes_are_labelled_in_binary_units():
+    from mlxserve.settings import human_bytes, parse_bytes
+
+    assert human_bytes(parse_bytes("48GB")) == "48.00 GiB" and human_bytes(3 * 1024**2) == "3 MiB"
+    assert human_bytes(1536) == "2 KiB"

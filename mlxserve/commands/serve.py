@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import socket
 import sys
 
 from mlxserve import __version__, blas
@@ -31,6 +33,18 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Stop at once, with a message, when the address is taken (not after loading models, with a traceback)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            sys.exit(f"mlxserve: cannot listen on {host}:{port} ({exc.strerror}): another program (maybe another "
+                     f"mlxserve) is using it. Stop it, or choose another port with --port.")
+
+
 def serve(settings: Settings) -> None:
     from mlxserve.api.app import create_app
     from mlxserve.api.images import ImagePolicy
@@ -38,6 +52,7 @@ def serve(settings: Settings) -> None:
     from mlxserve.engine.engine import Engine
     from mlxserve.engine.store import ModelStore
 
+    _check_port_free(settings.host, settings.port)
     _ensure_models(settings)
     allowed = None if settings.allowed_models is None else frozenset(settings.allowed_models)
     engine = Engine(ModelStore(settings.model_directory), max_memory=settings.max_memory,
@@ -61,6 +76,8 @@ def serve(settings: Settings) -> None:
     loaded = ", ".join(settings.models) or "no model loaded yet (each loads when first requested)"
     print(f"mlxserve {__version__}: serving {loaded} on http://{settings.host}:{settings.port}/v1",
           file=sys.stderr, flush=True)
+    # Sanic's "running in PRODUCTION mode, use --debug" hint is for Sanic developers, not mlxserve users.
+    os.environ.setdefault("SANIC_IGNORE_PRODUCTION_WARNING", "1")
     app.run(host=settings.host, port=settings.port, single_process=True, access_log=False,
             motd=False, debug=False)
 

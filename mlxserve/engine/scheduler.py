@@ -534,6 +534,14 @@ class Scheduler:
                 self._embed_jobs.append(_EmbedJob.create(command, model))
             except MlxserveError as exc:
                 command.sink(exc)
+                return
+            inputs = command.request.inputs
+            if self.logs.active:  # decoding token-id inputs for the log costs nothing when nobody follows
+                self.logs.publish({"type": "request", "id": command.id, "model": model.name, "endpoint": "embeddings",
+                                   "prompt": "\n".join(i if isinstance(i, str) else model.tokenizer.decode(list(i))
+                                                       for i in inputs),
+                                   "prompt_tokens": sum(len(t) for t in command.tokens), "cached_tokens": 0,
+                                   "images": 0, "n": len(inputs)})
         elif isinstance(command, _Cancel):
             for runner in self._runners.values():
                 runner.cancel(command.id)
@@ -553,6 +561,10 @@ class Scheduler:
         try:
             if not job.run_batch():
                 self._embed_jobs.append(job)
+            else:
+                self.logs.publish({"type": "done", "id": job.id, "model": job.model.name,
+                                   "prompt_tokens": sum(len(t) for t in job.tokens), "cached_tokens": 0,
+                                   "completion_tokens": 0})
         except Exception as exc:
             log.exception("embedding failed for %s", job.model.name)
             job.sink(exc)

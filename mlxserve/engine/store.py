@@ -25,12 +25,16 @@ def _quantization(config: dict[str, Any]) -> str:
 
 
 def _context_length(config: dict[str, Any], path: Path) -> int | None:
+    # An embedding model takes what sentence-transformers declares (MiniLM: 256), not its position table (512).
+    st = path / "sentence_bert_config.json"
+    declared = json.loads(st.read_text()).get("max_seq_length") if st.is_file() else None
+    if isinstance(declared, int):
+        return declared
     for source in (config, config.get("text_config") or {}):
         for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
             if isinstance(source.get(key), int):
                 return source[key]
-    st = path / "sentence_bert_config.json"
-    return json.loads(st.read_text()).get("max_seq_length") if st.is_file() else None
+    return None
 
 
 class ModelStore:

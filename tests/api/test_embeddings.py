@@ -1,8 +1,10 @@
 """/v1/embeddings through the real server with the OpenAI SDK, on all-MiniLM-L6-v2."""
 
 import base64
+import http.client
 import json
 import threading
+from urllib.parse import urlsplit
 
 import numpy as np
 import openai
@@ -155,3 +157,29 @@ def test_big_embedding_request_does_not_freeze_a_chat_stream(default_client, def
     worker.join()
     assert chunks[-1].choices[0].finish_reason == "length"
     assert order == ["chat", "embeddings"]
+
+
+def test_the_listed_context_is_what_the_model_accepts(default_home):
+    from mlxserve.engine.store import ModelStore
+
+    assert ModelStore(default_home / "models").get(MINILM).context_length == 256
+
+
+def test_log_stream_shows_embedding_requests(default_server):
+    parts = urlsplit(default_server.base_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        conn.request("GET", "/api/v0/logs/stream?model=" + MINILM)
+        events = conn.getresponse()
+        assert json.loads(events.readline().decode().removeprefix("data: "))["type"] == "hello"
+        request(default_server.base_url + "/embeddings", "POST", {"model": MINILM, "input": ["first", "second"]})
+        seen = []
+        while len(seen) < 2:
+            line = events.readline().decode()
+            if line.startswith("data: "):
+                seen.append(json.loads(line.removeprefix("data: ")))
+        assert seen[0]["type"] == "request" and seen[0]["endpoint"] == "embeddings"
+        assert seen[0]["prompt"] == "first\nsecond" and seen[0]["prompt_tokens"] == 6 and seen[0]["n"] == 2
+        assert seen[1]["type"] == "done" and seen[1]["id"] == seen[0]["id"]
+    finally:
+        conn.close()

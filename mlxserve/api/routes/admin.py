@@ -104,7 +104,7 @@ async def log_stream(request: Request) -> None:
     with_output = request.args.get("output", "").lower() in ("1", "true", "yes")
     response = await sse.open_stream(request)
     async for event in request.app.ctx.engine.logs.follow():
-        if model_filter and event.get("model") != model_filter:
+        if model_filter and event["type"] != "hello" and event.get("model") != model_filter:
             continue
         if event["type"] == "output" and not with_output:
             continue

@@ -6,6 +6,7 @@ than the server's stall limit makes this a 503, while requests may still be acce
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 
 from sanic import Blueprint, Request
@@ -17,5 +18,6 @@ bp = Blueprint("health")
 @bp.get("/health")
 async def health(request: Request) -> HTTPResponse:
     report = request.app.ctx.engine.health()
-    body = {"status": "ok" if report.healthy else "unhealthy", **asdict(report)}
+    # pid: `server start` and `server stop` make sure the server answering is the one they started.
+    body = {"status": "ok" if report.healthy else "unhealthy", **asdict(report), "pid": os.getpid()}
     return json(body, status=200 if report.healthy else 503)
