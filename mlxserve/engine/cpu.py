@@ -45,6 +45,45 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+# Bytes per element of safetensors dtypes.
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+               "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def resident_bytes(tensors: dict[str, tuple[str, list[int]]], quantization: dict | None) -> int:
+    """What a model will hold once loaded and made fast here, from its tensors' dtypes and shapes
+    (safetensors headers), before loading it: the budget must count this, not the size on disk.
+
+    On a GPU that is the weights as stored. On the CPU (`optimize_for_cpu`), floating-point tensors
+    become float32 and, for a model small enough, quantized layers become dense float32 while
+    keeping their quantized bytes (float32 scales and biases) for the shim's decode steps.
+    """
+    def size(name: str) -> int:
+        dtype, shape = tensors[name]
+        return DTYPE_BYTES.get(dtype, 4) * int(np.prod(shape, dtype=np.int64))
+
+    if not on_cpu():
+        return sum(size(name) for name in tensors)
+    quantized = {name.removesuffix(".scales") for name in tensors if name.endswith(".scales")}
+    default_group = int((quantization or {}).get("group_size", 64))
+    floats = dense = kept = 0
+    for name, (dtype, shape) in tensors.items():
+        layer, _, leaf = name.rpartition(".")
+        if layer not in quantized:
+            floats += size(name) * 4 // DTYPE_BYTES.get(dtype, 4) if dtype in ("F16", "BF16", "F32", "F64") \
+                else size(name)
+        elif leaf == "weight":
+            override = (quantization or {}).get(layer) or (quantization or {}).get(layer.removeprefix("model."))
+            group = int(override.get("group_size", default_group)) if isinstance(override, dict) else default_group
+            scales_shape = tensors[layer + ".scales"][1]
+            rows, cols = int(np.prod(scales_shape[:-1])), scales_shape[-1] * group
+            dense += rows * cols * 4
+            kept += size(name)
+        else:  # scales and biases, kept as float32
+            kept += int(np.prod(shape, dtype=np.int64)) * 4
+    return floats + (dense + kept if dense <= MAX_DENSE_BYTES else kept)
+
+
 def _dense_bytes(model: nn.Module) -> int:
     total = 0
     for _, module in model.named_modules():

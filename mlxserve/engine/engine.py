@@ -76,7 +76,7 @@ class Engine:
                  allowed: frozenset[str] | None = None, prompt_cache_bytes: int = 0,
                  max_concurrent: int = 32, max_queue: int = 64, stall_seconds: float = 60):
         self.store = store
-        self.manager = ModelManager(store, max_memory, default_ttl, allowed)
+        self.manager = ModelManager(store, max_memory, default_ttl, allowed, prompt_cache_bytes=prompt_cache_bytes)
         self.logs = LogHub()
         self._scheduler = Scheduler(self.manager, self.logs, prompt_cache_bytes, max_concurrent)
         self.max_concurrent = max_concurrent

@@ -62,9 +62,11 @@ class _Resident:
 
 class ModelManager:
     def __init__(self, store: ModelStore, max_bytes: int, default_ttl: float,
-                 allowed: frozenset[str] | None = None, clock: Callable[[], float] = time.monotonic):
+                 allowed: frozenset[str] | None = None, clock: Callable[[], float] = time.monotonic,
+                 prompt_cache_bytes: int = 0):
         self.store = store
         self.max_bytes = max_bytes
+        self.prompt_cache_bytes = prompt_cache_bytes  # each generating model may fill this much
         self.default_ttl = default_ttl
         self.allowed = allowed
         self._clock = clock
@@ -94,11 +96,20 @@ class ModelManager:
         resident = self._residents.get(model_id)
         return None if resident is None else resident.model
 
+    def _need(self, model_id: str) -> tuple[int, int]:
+        """What a model counts against the budget: its weights as they will be held once loaded (not their
+        size on disk: on the CPU they become float32), and a full prompt cache for a generating model."""
+        cache = self.prompt_cache_bytes if self.store.get(model_id).kind != "embeddings" else 0
+        return self.store.resident_bytes(model_id), cache
+
     def _load(self, model_id: str, busy: Callable[[str], bool]) -> _Resident:
-        need = self.store.get(model_id).size_bytes
+        weights, cache = self._need(model_id)
+        need = weights + cache
+        needs = (f"needs {human_bytes(need)} ({human_bytes(weights)} of weights as loaded here"
+                 + (f", {human_bytes(cache)} of prompt cache, --prompt-cache)" if cache else ")"))
         if need > self.max_bytes:
             raise InsufficientMemoryError(
-                f"The model '{model_id}' needs {human_bytes(need)}, more than the server's memory budget of "
+                f"The model '{model_id}' {needs}, more than the server's memory budget of "
                 f"{human_bytes(self.max_bytes)} (--max-memory)")
         idle = sorted((r for r in self._residents.values() if not busy(r.id)), key=lambda r: r.last_used)
         while self._used() + need > self.max_bytes and idle:
@@ -108,7 +119,7 @@ class ModelManager:
         if self._used() + need > self.max_bytes:
             serving = ", ".join(f"{r.id} ({human_bytes(r.memory_bytes)})" for r in self._residents.values())
             raise InsufficientMemoryError(
-                f"The model '{model_id}' needs {human_bytes(need)}, but {human_bytes(self._used())} of the "
+                f"The model '{model_id}' {needs}, but {human_bytes(self._used())} of the "
                 f"{human_bytes(self.max_bytes)} budget is held by models serving requests: {serving}. Try again later.")
         before = mx.get_active_memory()
         started = time.perf_counter()
@@ -117,7 +128,7 @@ class ModelManager:
             model = self.store.load(model_id)
         finally:
             self.loading = None
-        memory = max(mx.get_active_memory() - before, need)
+        memory = max(mx.get_active_memory() - before, weights) + cache
         log.info("loaded %s in %.1fs (%s in memory)", model_id, time.perf_counter() - started, human_bytes(memory))
         now = self._clock()
         resident = _Resident(model_id, self.store.get(model_id).kind, model, memory, self.default_ttl, time.time(), now)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mlxserve.engine.cpu import resident_bytes
 from mlxserve.engine.kinds import Kind, kind_of
 from mlxserve.engine.names import check_model_name
 from mlxserve.protocol import ModelInfo, ModelNotFoundError
@@ -80,6 +81,18 @@ class ModelStore:
 
     def get(self, model_id: str) -> ModelInfo:
         return self._info(self.path(model_id))
+
+    def resident_bytes(self, model_id: str) -> int:
+        """What the model will hold in memory once loaded (engine/cpu.py), read from its files' headers."""
+        path = self.path(model_id)
+        tensors: dict[str, tuple[str, list[int]]] = {}
+        for file in path.rglob("*.safetensors"):
+            with open(file, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            tensors.update({k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"})
+        config = self._config(path)
+        quantization = config.get("quantization") or (config.get("text_config") or {}).get("quantization")
+        return resident_bytes(tensors, quantization) if tensors else self._info(path).size_bytes
 
     def load(self, model_id: str) -> Any:
         """Load `model_id` with its kind's loader (on the engine thread: it evaluates MLX arrays)."""

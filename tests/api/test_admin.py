@@ -31,7 +31,9 @@ def server_with(three_models: Path):
     started: list[ServerProcess] = []
 
     def start(*args: str) -> ServerProcess:
-        started.append(ServerProcess(three_models, [], list(args)))
+        # Without a prompt cache, the budgets below count the weights alone (the last test counts both).
+        cache = [] if "--prompt-cache" in args else ["--prompt-cache", "0"]
+        started.append(ServerProcess(three_models, [], cache + list(args)))
         return started[-1]
 
     yield start
@@ -97,8 +99,16 @@ def test_a_model_larger_than_the_budget_gets_a_503_naming_sizes(server_with):
     reply = chat(server, "tiny-a")
     assert reply.status == 503
     error = reply.json()["error"]
-    assert "tiny-a" in error["message"] and "358 KB" in error["message"] and "100 KB" in error["message"]
+    assert "tiny-a" in error["message"] and "356 KiB" in error["message"] and "100 KiB" in error["message"]
     assert chat(server, "tiny-a").status == 503 and server.alive()
+
+
+def test_the_budget_counts_a_models_prompt_cache(server_with):
+    server = server_with("--max-memory", "500K", "--prompt-cache", "300K")  # 356K of weights fit, 656K do not
+    reply = chat(server, "tiny-a")
+    assert reply.status == 503
+    message = reply.json()["error"]["message"]
+    assert "needs 656 KiB (356 KiB of weights as loaded here, 300 KiB of prompt cache" in message
 
 
 def test_a_busy_model_is_never_unloaded_to_make_room(server_with):
