@@ -35,6 +35,16 @@ class _Invalid(ValueError):
     """A value failed its parser; the message completes '<param> ...'."""
 
 
+def _described(schema: dict[str, Any]) -> Callable[[Callable], Callable]:
+    """Attach the JSON Schema of what a parser accepts (the OpenAPI document is built from these)."""
+
+    def attach(parse: Callable) -> Callable:
+        parse.schema = schema
+        return parse
+
+    return attach
+
+
 def _shown(value: int | float) -> str:
     """A number for an error message: huge integers are not spelled out digit by digit."""
     text = str(value)
@@ -42,6 +52,9 @@ def _shown(value: int | float) -> str:
 
 
 def _number(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], float]:
+    bounds = {"exclusiveMinimum" if lo_open else "minimum": lo, "maximum": hi}
+
+    @_described({"type": "number", **bounds})
     def parse(value: Any) -> float:
         # Integers compare with the bounds exactly; float() of one past 10**308 would overflow.
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
@@ -60,6 +73,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 def _integer(lo: int = INT64_MIN, hi: int = INT64_MAX) -> Callable[[Any], int]:
     """An integer in [lo, hi]; every integer field is at most a 64-bit one, as in OpenAI's API."""
 
+    @_described({"type": "integer", "minimum": lo, "maximum": hi})
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
@@ -75,18 +89,22 @@ def _integer(lo: int = INT64_MIN, hi: int = INT64_MAX) -> Callable[[Any], int]:
     return parse
 
 
+@_described({"type": "boolean"})
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _Invalid("must be true or false")
     return value
 
 
+@_described({"type": "string", "minLength": 1})
 def _string(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise _Invalid("must be a non-empty string")
     return value
 
 
+@_described({"oneOf": [{"type": "string"},
+                        {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_STRINGS}]})
 def _stop(value: Any) -> tuple[str, ...]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
@@ -96,6 +114,8 @@ def _stop(value: Any) -> tuple[str, ...]:
     return tuple(s for s in stops if s)
 
 
+@_described({"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})
 def _logit_bias(value: Any) -> dict[int, float]:
     if not isinstance(value, dict):
         raise _Invalid("must be an object mapping token ids to biases")
@@ -114,6 +134,7 @@ def _logit_bias(value: Any) -> dict[int, float]:
     return bias
 
 
+@_described({"type": "object", "properties": {"include_usage": {"type": "boolean"}}})
 def _stream_options(value: Any) -> bool:
     """Returns include_usage."""
     if not isinstance(value, dict):
@@ -198,18 +219,24 @@ PARAMS_BY_NAME = {p.name: p for p in PARAMS if p.endpoints == BOTH}
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
-def _read(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
-    """Parse every known, non-null field of `body` for `endpoint`; a bad value names its param."""
+def params_for(endpoint: str) -> tuple[Param, ...]:
+    return tuple(p for p in PARAMS if endpoint in p.endpoints)
+
+
+def read_fields(body: dict[str, Any], params: tuple[Param, ...], required: tuple[str, ...] = ("model",)
+                ) -> dict[str, Any]:
+    """Parse every known, non-null field of `body`; a bad value, or a missing required one, names its param."""
     values: dict[str, Any] = {}
-    for param in PARAMS:
-        if endpoint not in param.endpoints or body.get(param.name) is None:
+    for param in params:
+        if body.get(param.name) is None:
             continue
         try:
             values[param.alias_of or param.name] = param.parse(body[param.name])
         except _Invalid as exc:
             raise InvalidRequestError(f"'{param.name}' {exc}", param=param.name) from None
-    if "model" not in values:
-        raise InvalidRequestError("'model' is required", param="model")
+    missing = next((name for name in required if name not in values), None)
+    if missing is not None:
+        raise InvalidRequestError(f"'{missing}' is required", param=missing)
     return values
 
 
@@ -241,6 +268,19 @@ def _content_parts(content: Any, where: str, role: str) -> tuple[str | ImagePart
     return tuple(parts)
 
 
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_IMAGE_PART = {"type": "object", "required": ["type", "image_url"], "properties": {
+    "type": {"const": "image_url"},
+    "image_url": {"oneOf": [{"type": "string"}, {"type": "object", "required": ["url"],
+                                                  "properties": {"url": {"type": "string"}}}]}}}
+
+
+@_described({"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["role"], "properties": {
+        "role": {"enum": sorted(_ROLES)}, "name": {"type": "string"},
+        "content": {"oneOf": [{"type": "string"}, {"type": "null"},
+                              {"type": "array", "items": {"oneOf": [_TEXT_PART, _IMAGE_PART]}}]}}}})
 def _messages(value: Any) -> tuple[ChatMessage, ...]:
     if not isinstance(value, list) or not value:
         raise InvalidRequestError("'messages' must be a non-empty list", param="messages")
@@ -261,6 +301,8 @@ def _messages(value: Any) -> tuple[ChatMessage, ...]:
     return tuple(messages)
 
 
+@_described({"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "integer"}},
+                       {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string"}}]})
 def _prompt(value: Any) -> str | tuple[int, ...]:
     if isinstance(value, str):
         return value
@@ -301,8 +343,13 @@ def _generation(values: dict[str, Any], logprobs: int | None, **inputs: Any) -> 
     )
 
 
+# What each endpoint's request holds besides PARAMS, and must hold.
+INPUTS = {CHAT: Param("messages", _messages, "The conversation so far.", frozenset({CHAT})),
+          COMPLETIONS: Param("prompt", _prompt, "The text (or token ids) to continue.", frozenset({COMPLETIONS}))}
+
+
 def parse_chat(body: dict[str, Any]) -> ParsedGeneration:
-    values = _read(body, CHAT)
+    values = read_fields(body, params_for(CHAT))
     if "messages" not in body:
         raise InvalidRequestError("'messages' is required", param="messages")
     if values.get("top_logprobs") and not values.get("logprobs"):
@@ -312,7 +359,7 @@ def parse_chat(body: dict[str, Any]) -> ParsedGeneration:
 
 
 def parse_completion(body: dict[str, Any]) -> ParsedGeneration:
-    values = _read(body, COMPLETIONS)
+    values = read_fields(body, params_for(COMPLETIONS))
     if "prompt" not in body:
         raise InvalidRequestError("'prompt' is required", param="prompt")
     return _generation(values, values.get("logprobs"), prompt=_prompt(body["prompt"]))
@@ -338,6 +385,12 @@ def _is_token_ids(value: Any) -> bool:
         isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
 
 
+@_described({"oneOf": [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "minItems": 1, "maxItems": MAX_EMBEDDING_INPUTS, "items": {"type": "string", "minLength": 1}},
+    {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+    {"type": "array", "minItems": 1, "maxItems": MAX_EMBEDDING_INPUTS,
+     "items": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}}]})
 def _embedding_inputs(value: Any) -> tuple[str | tuple[int, ...], ...]:
     """OpenAI's four input forms: a string, strings, token ids, lists of token ids."""
     if isinstance(value, str):
@@ -369,26 +422,30 @@ class ParsedEmbedding:
     base64: bool
 
 
+@_described({"enum": ["float", "base64"]})
+def _encoding_format(value: Any) -> str:
+    if value not in ("float", "base64"):
+        raise _Invalid("must be 'float' or 'base64'")
+    return value
+
+
+EMBEDDING_PARAMS: tuple[Param, ...] = (
+    PARAMS_BY_NAME["model"],
+    Param("input", _embedding_inputs, "A string, up to 2048 strings, token ids, or lists of token ids."),
+    Param("encoding_format", _encoding_format, "`float` (default) or `base64` (little-endian float32)."),
+    Param("dimensions", _integer(1), "Truncate to this many dimensions and re-normalize."),
+    PARAMS_BY_NAME["ttl"],
+)
+
+
 def parse_embedding(body: dict[str, Any]) -> ParsedEmbedding:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequestError("'model' is required", param="model")
-    if "input" not in body:
-        raise InvalidRequestError("'input' is required", param="input")
-    encoding = body.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
-        raise InvalidRequestError("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
-    dimensions = body.get("dimensions")
-    if dimensions is not None:
-        try:
-            dimensions = _integer(1)(dimensions)
-        except _Invalid as exc:
-            raise InvalidRequestError(f"'dimensions' {exc}", param="dimensions") from None
-    ttl = body.get("ttl")
-    if ttl is not None:
-        try:
-            ttl = PARAMS_BY_NAME["ttl"].parse(ttl)
-        except _Invalid as exc:
-            raise InvalidRequestError(f"'ttl' {exc}", param="ttl") from None
-    request = EmbeddingRequest(model=model, inputs=_embedding_inputs(body["input"]), dimensions=dimensions, ttl=ttl)
-    return ParsedEmbedding(request, base64=encoding == "base64")
+    values = read_fields(body, EMBEDDING_PARAMS, required=("model", "input"))
+    request = EmbeddingRequest(model=values["model"], inputs=values["input"], dimensions=values.get("dimensions"),
+                               ttl=values.get("ttl"))
+    return ParsedEmbedding(request, base64=values.get("encoding_format") == "base64")
+
+
+# --- /api/v0 ---------------------------------------------------------------------
+
+LOAD_PARAMS: tuple[Param, ...] = (PARAMS_BY_NAME["model"], PARAMS_BY_NAME["ttl"])
+UNLOAD_PARAMS: tuple[Param, ...] = (PARAMS_BY_NAME["model"], Param("all", _boolean, "Unload every model."))

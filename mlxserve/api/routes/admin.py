@@ -15,6 +15,7 @@ from sanic.response import HTTPResponse, json
 from mlxserve.api import sse
 from mlxserve.api.body import json_object
 from mlxserve.api.errors import APIError
+from mlxserve.api.schemas import LOAD_PARAMS, UNLOAD_PARAMS, read_fields
 from mlxserve.protocol import InvalidRequestError, LoadedModel, ModelInfo
 
 bp = Blueprint("admin", url_prefix="/api/v0")
@@ -45,20 +46,6 @@ def loaded_object(m: LoadedModel) -> dict[str, Any]:
     return {**asdict(m), "expires_in_seconds": m.expires_in_seconds}
 
 
-def _ttl(body: dict[str, Any]) -> float | None:
-    ttl = body.get("ttl")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
-        raise InvalidRequestError("'ttl' must be a positive number of seconds", param="ttl")
-    return ttl
-
-
-def _model_id(body: dict[str, Any]) -> str:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequestError("'model' is required", param="model")
-    return model
-
-
 @bp.get("/models")
 async def models(request: Request) -> HTTPResponse:
     engine = request.app.ctx.engine
@@ -73,19 +60,21 @@ async def model(request: Request, model_id: str) -> HTTPResponse:
 
 @bp.post("/models/load")
 async def load(request: Request) -> HTTPResponse:
-    body = json_object(request)
-    loaded = await request.app.ctx.engine.load(_model_id(body), _ttl(body))
+    values = read_fields(json_object(request), LOAD_PARAMS)
+    loaded = await request.app.ctx.engine.load(values["model"], values.get("ttl"))
     return json({**loaded_object(loaded), "state": "loaded"})
 
 
 @bp.post("/models/unload")
 async def unload(request: Request) -> HTTPResponse:
-    body = json_object(request)
+    values = read_fields(json_object(request), UNLOAD_PARAMS, required=())
     engine = request.app.ctx.engine
-    if body.get("all") is True:
+    if values.get("all"):
         targets = [m.id for m in await engine.loaded()]
+    elif "model" in values:
+        targets = [values["model"]]
     else:
-        targets = [_model_id(body)]
+        raise InvalidRequestError("'model' is required (or 'all': true)", param="model")
     unloaded = [m for m in targets if await engine.unload(m)]
     return json({"unloaded": unloaded})
 
