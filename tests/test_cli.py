@@ -181,3 +181,18 @@ def test_serve_on_a_terminal_prints_no_sanic_developer_hints(tmp_path: Path):
         os.kill(pid, signal.SIGTERM)
         os.waitpid(pid, 0)
     assert b"serving" in output and b"PRODUCTION" not in output and b"--debug" not in output
+
+
+def test_serve_says_where_the_mlxserve_command_is_when_it_is_not_on_path(tmp_path: Path):
+    port = free_port()
+    env = {**os.environ, "MLXSERVE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "mlxserve", "serve", "--no-preload", "--port", str(port)],
+                              env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [server.stderr.readline() for _ in range(2)]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    command = Path(sys.executable).with_name("mlxserve")
+    assert f"the `mlxserve` command (ps, load, log stream, ...) is {command}" in lines[1]
+    assert f'export PATH="{command.parent}:$PATH"' in lines[1]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import shutil
 import socket
 import sys
+from pathlib import Path
 
 from mlxserve import __version__, blas
 from mlxserve.engine.bundled import BUNDLED, install_bundled
@@ -45,6 +47,14 @@ def _check_port_free(host: str, port: int) -> None:
                      f"mlxserve) is using it. Stop it, or choose another port with --port.")
 
 
+def _path_hint() -> None:
+    """After `./scripts/serve.sh` the command sits in .venv/bin, which no shell looks in: say how to reach it."""
+    command = Path(sys.executable).with_name("mlxserve")
+    if command.is_file() and shutil.which("mlxserve") != str(command):
+        print(f"mlxserve: the `mlxserve` command (ps, load, log stream, ...) is {command}; to type it as plain "
+              f"`mlxserve`, add its folder to PATH: export PATH=\"{command.parent}:$PATH\"", file=sys.stderr, flush=True)
+
+
 def serve(settings: Settings) -> None:
     from mlxserve.api.app import create_app
     from mlxserve.api.images import ImagePolicy
@@ -76,6 +86,7 @@ def serve(settings: Settings) -> None:
     loaded = ", ".join(settings.models) or "no model loaded yet (each loads when first requested)"
     print(f"mlxserve {__version__}: serving {loaded} on http://{settings.host}:{settings.port}/v1",
           file=sys.stderr, flush=True)
+    _path_hint()
     # Sanic's "running in PRODUCTION mode, use --debug" hint is for Sanic developers, not mlxserve users.
     os.environ.setdefault("SANIC_IGNORE_PRODUCTION_WARNING", "1")
     app.run(host=settings.host, port=settings.port, single_process=True, access_log=False,

@@ -238,3 +238,9 @@ def test_a_body_that_stops_half_way_gets_a_408_instead_of_holding_the_connection
                           b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":", wait=20)
     assert reply.startswith(b"HTTP/1.1 408 ") and b"did not arrive" in reply
     assert time.monotonic() - started < 10  # the test server's --request-timeout is 2 s
+
+
+def test_a_client_value_cannot_forge_a_log_line(tiny_server):
+    reply = _send(tiny_server, "/chat/completions", with_(model="tiny\n2026-01-01 INFO mlxserve.access: forged"))
+    assert reply.status == 400
+    assert not any(line.startswith("2026-01-01 INFO mlxserve.access: forged") for line in tiny_server.log().splitlines())

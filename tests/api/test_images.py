@@ -3,6 +3,7 @@
 import asyncio
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
@@ -174,3 +175,16 @@ def test_file_urls_only_inside_the_allowed_folder(tmp_path):
     assert resolve(f"file://{tmp_path}/ok.png", policy) == image_bytes()
     with pytest.raises(ImageError, match="allowed image folder"):
         resolve(f"file://{tmp_path}/../{tmp_path.name}/../etc/passwd", policy)
+
+
+def test_slow_image_servers_do_not_hold_up_model_management(vlm_server):
+    """Twelve fetches trickling in at once: /api/v0 (which waits in the default thread pool) still answers."""
+    with serve_files({"/slow.png": image_bytes()}, trickle_seconds=0.5) as base:
+        with ThreadPoolExecutor(12) as pool:
+            slow = [pool.submit(post, vlm_server, chat_with_image(base + "/slow.png", TINY_VLM)) for _ in range(12)]
+            time.sleep(1.0)
+            started = time.monotonic()
+            for _ in range(3):
+                assert request(vlm_server.base_url.removesuffix("/v1") + "/api/v0/ps").status == 200
+            assert time.monotonic() - started < 3
+            assert all(f.result()[0] == 400 for f in slow)  # each cut off at its fetch deadline

@@ -25,7 +25,7 @@ def imported(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("import-home")
     gguf = fetch_gguf(SMOLLM, home)
     mlxserve(home, "import", str(gguf), "--name", NAME)
-    server = ServerProcess(home, [])
+    server = ServerProcess(home, [], ["--prompt-cache", "0"])  # so ps's memory_bytes is the weights alone
     yield server
     server.stop()
 
@@ -56,12 +56,13 @@ def test_unloading_returns_the_memory(imported: ServerProcess):
     loaded = request(admin + "/models/load", "POST", {"model": NAME}).json()
     during = request(admin + "/ps").json()["memory"]["active_bytes"]
     rss_during = _rss(imported.process.pid)
-    assert during - before >= 0.9 * loaded["memory_bytes"]
+    # On the CPU the quantized bytes kept for decoding are numpy memory, which RSS sees and MLX does not.
+    grown = rss_during - rss_before if sys.platform == "linux" else during - before
+    assert grown >= 0.9 * loaded["memory_bytes"]
     assert request(admin + "/models/unload", "POST", {"model": NAME}).json() == {"unloaded": [NAME]}
     after = request(admin + "/ps").json()["memory"]
     print(f"MLX active: {before / 2**20:.0f} -> {during / 2**20:.0f} -> {after['active_bytes'] / 2**20:.0f} MiB; "
           f"RSS: {rss_before / 2**20:.0f} -> {rss_during / 2**20:.0f} -> {_rss(imported.process.pid) / 2**20:.0f} MiB")
     assert after["active_bytes"] <= before + 16 * 2**20 and after["cache_bytes"] == 0
     if sys.platform == "linux":  # CPU arrays are process memory; on a Mac they are Metal buffers
-        assert rss_during - rss_before >= 0.5 * loaded["memory_bytes"]
         assert _rss(imported.process.pid) - rss_before <= 0.1 * (rss_during - rss_before)
