@@ -196,3 +196,19 @@ def test_serve_says_where_the_mlxserve_command_is_when_it_is_not_on_path(tmp_pat
     command = Path(sys.executable).with_name("mlxserve")
     assert f"the `mlxserve` command (ps, load, log stream, ...) is {command}" in lines[1]
     assert f'export PATH="{command.parent}:$PATH"' in lines[1]
+
+
+def test_pull_with_the_hub_unreachable_says_so_in_a_line(tmp_path: Path):
+    result = mlxserve(tmp_path, "pull", "someone/some-model", check=False, timeout=180,
+                      env={"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_ETAG_TIMEOUT": "2",
+                           "HF_HUB_DOWNLOAD_TIMEOUT": "2"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "could not reach the Hugging Face Hub to download someone/some-model" in result.stderr
+    assert mlxserve(tmp_path, "ls").stdout.startswith("No models")  # nothing half-made is listed
+
+
+@pytest.mark.parametrize("command", ["rm", "ps", "load", "unload"])
+def test_model_commands_explain_themselves(command: str):
+    out = mlxserve(Path("/nonexistent"), command, "--help").stdout
+    description = out.split("\n\n")[1]
+    assert len(description.split()) > 8, out

@@ -117,7 +117,7 @@ def _fetch(url: str, where: str, policy: ImagePolicy) -> bytes:
             address = _address(host, port, policy)
             conn = _connection(scheme, host, port, address, max(0.1, deadline - time.monotonic()))
             try:
-                conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else "") or "/",
+                conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
                              headers={"User-Agent": "mlxserve", "Accept": "image/*"})
                 sock = conn.sock  # the response takes it over from the connection
                 response = conn.getresponse()

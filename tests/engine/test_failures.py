@@ -21,6 +21,7 @@ from mlxserve.protocol import (
     TextDelta,
 )
 from tests.conftest import TINY
+from tests.fixtures.faulty_server import MARKER, breaking
 
 NO_END = {0: -100.0, 1: -100.0, 2: -100.0}  # the tiny model's special tokens: generate to max_tokens
 
@@ -48,31 +49,18 @@ async def _run(engine: Engine, request: GenerationRequest) -> tuple[str, list[st
 
 
 def test_a_failing_sequence_fails_alone_and_its_batch_goes_on(tiny_home: Path, monkeypatch):
-    real = scheduler_module.make_logits_processor
-
-    def failing_after_a_few_tokens(params, prompt_length, temperature):
-        if params.presence_penalty != 1.5:
-            return real(params, prompt_length, temperature)
-
-        def process(context, logits):
-            if context.size > prompt_length + 5:
-                raise RuntimeError("processor broke")
-            return logits
-
-        return process
-
-    monkeypatch.setattr(scheduler_module, "make_logits_processor", failing_after_a_few_tokens)
+    monkeypatch.setattr(scheduler_module, "make_logits_processor", breaking(scheduler_module.make_logits_processor))
     engine = _engine(tiny_home)
     try:
         async def scenario():
             alone = await _run(engine, _request())
-            together = await asyncio.gather(_run(engine, _request()), _run(engine, _request(presence_penalty=1.5)),
+            together = await asyncio.gather(_run(engine, _request()), _run(engine, _request(presence_penalty=MARKER)),
                                             return_exceptions=True)
             return alone, together
 
         alone, (healthy, failed) = asyncio.run(scenario())
         assert healthy == alone and healthy[1] == ["length"] and len(healthy[0]) > 20
-        assert isinstance(failed, RuntimeError) and "processor broke" in str(failed)
+        assert isinstance(failed, RuntimeError) and "injected failure" in str(failed)
         assert engine.health().healthy
     finally:
         engine.stop()
