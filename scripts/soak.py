@@ -55,6 +55,7 @@ class Minute:
     cancelled: int = 0
     rss_mb: float = 0.0
     mlx_active_mb: float = 0.0
+    mlx_cache_mb: float = 0.0  # freed buffers MLX keeps for reuse
 
 
 class Soak:
@@ -140,12 +141,13 @@ class Soak:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
             conn.request("GET", "/api/v0/ps")
-            active = json.loads(conn.getresponse().read())["memory"]["active_bytes"]
+            memory = json.loads(conn.getresponse().read())["memory"]
         finally:
             conn.close()
         with self.lock:
             self.minutes[-1].rss_mb = int(rss or 0) / 1024
-            self.minutes[-1].mlx_active_mb = active / 2**20
+            self.minutes[-1].mlx_active_mb = memory["active_bytes"] / 2**20
+            self.minutes[-1].mlx_cache_mb = memory["cache_bytes"] / 2**20
 
 
 def _wait_ready(port: int, process: subprocess.Popen, log: Path) -> None:
@@ -190,7 +192,8 @@ def main() -> None:
             soak.sample(process.pid)
             m = soak.minutes[-1]
             print(f"minute {len(soak.minutes):3d}: {m.requests:5d} requests ({m.cancelled} cancelled), "
-                  f"{len(m.errors)} errors, RSS {m.rss_mb:.0f} MiB, MLX active {m.mlx_active_mb:.0f} MiB", flush=True)
+                  f"{len(m.errors)} errors, RSS {m.rss_mb:.0f} MiB, MLX active {m.mlx_active_mb:.0f} MiB, "
+                  f"MLX cache {m.mlx_cache_mb:.0f} MiB", flush=True)
             if time.monotonic() < soak.deadline:
                 with soak.lock:
                     soak.minutes.append(Minute())

@@ -10,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from mlxserve import __version__, blas, malloc
+from mlxserve import __version__, blas
 from mlxserve.engine.bundled import BUNDLED, install_bundled
 from mlxserve.settings import Settings
 
@@ -63,7 +63,6 @@ def serve(settings: Settings) -> None:
     from mlxserve.engine.store import ModelStore
 
     _check_port_free(settings.host, settings.port)
-    malloc.limit_arenas()  # before the engine, pools and server start their threads
     _ensure_models(settings)
     allowed = None if settings.allowed_models is None else frozenset(settings.allowed_models)
     engine = Engine(ModelStore(settings.model_directory), max_memory=settings.max_memory,

@@ -7,8 +7,10 @@ that one load. A model that is serving requests is never unloaded.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +18,6 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxserve import malloc
 from mlxserve.engine.store import ModelStore
 from mlxserve.protocol import InsufficientMemoryError, LoadedModel, MemoryUsage, ModelNotAllowedError
 from mlxserve.settings import human_bytes
@@ -31,7 +32,21 @@ def _release_memory() -> None:
     """
     gc.collect()
     mx.clear_cache()
-    malloc.trim()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # musl and other C libraries without malloc_trim
+        return None
+
+
+_LIBC = _glibc()
 
 
 @dataclass
