@@ -74,15 +74,7 @@ def describe(exc: BaseException) -> tuple[int, dict]:
 
 
 async def _handle(request: Request, exc: Exception) -> HTTPResponse:
-    if isinstance(exc, MlxserveError):
-        status, body = describe(exc)
-        request.ctx.error = body["error"]["message"]  # the access log says why
-        response = json(body, status=status)
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
-            response.headers["Retry-After"] = str(retry_after)
-        return response
-    if isinstance(exc, SanicException):
+    if isinstance(exc, SanicException) and not isinstance(exc, MlxserveError):
         status = exc.status_code
         message = str(exc) or "Request failed"
         if status == 413 and request.method == "NONE":  # the head, not the body, was too large
@@ -101,10 +93,15 @@ async def _handle(request: Request, exc: Exception) -> HTTPResponse:
         elif status == 413:
             message = "Request body is too large"
         return error_response(status, message)
-    log.exception("unexpected error on %s %s", request.method, request.path)
+    if not isinstance(exc, MlxserveError):
+        log.exception("unexpected error on %s %s", request.method, request.path)
     status, body = describe(exc)
-    request.ctx.error = body["error"]["message"]
-    return json(body, status=status)
+    request.ctx.error = body["error"]["message"]  # the access log says why
+    response = json(body, status=status)
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 def register_error_handler(app: Sanic) -> None:
