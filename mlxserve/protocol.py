@@ -43,12 +43,26 @@ class ImagePart:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the assistant made: `arguments` is the JSON text of an object."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatMessage:
-    """One turn of a conversation: text and images, in the order the client sent them."""
+    """One turn of a conversation: text and images, in the order the client sent them.
+
+    An assistant turn may carry the calls it made; a `tool` turn answers the call `tool_call_id`.
+    """
 
     role: str
     parts: tuple[str | ImagePart, ...]
     name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
     @property
     def text(self) -> str:
@@ -57,6 +71,24 @@ class ChatMessage:
     @property
     def images(self) -> tuple[ImagePart, ...]:
         return tuple(p for p in self.parts if isinstance(p, ImagePart))
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call; `parameters` is the JSON Schema of its arguments object."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """`response_format`: free text, any JSON object, or JSON matching `schema` (enforced while decoding)."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    schema: dict[str, Any] | None = None
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,11 +108,19 @@ class GenerationRequest:
     # Requests share prompt-cache entries only within one scope (one API key), so that `cached_tokens`
     # cannot tell one client what another one's prompts begin with.
     cache_scope: str = ""
+    response_format: OutputFormat = field(default_factory=OutputFormat)
+    tools: tuple[Tool, ...] = ()
+    # "none", "auto", "required", or the name of the one function the model must call.
+    tool_choice: str = "auto"
+    forced_tool: str | None = None
+    parallel_tool_calls: bool = False
+    echo: bool = False  # completions: the prompt comes back before the completion
+    thinking: bool | None = None  # `reasoning_effort`: thinking on or off; None: the template's default
 
 
 # --- events -------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +144,7 @@ class TokenLogprob:
 
     token: str
     bytes: tuple[int, ...]
-    logprob: float
+    logprob: float | None  # None only for an echoed prompt's first token, which nothing predicts
     top: tuple[TopLogprob, ...] = ()
 
 
@@ -118,6 +158,16 @@ class TextDelta:
     index: int
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
+    reasoning: bool = False  # the model's thinking (`reasoning_content`), not its answer
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A complete tool call of choice `index`, the `position`-th of that choice."""
+
+    index: int
+    position: int
+    call: ToolCall
 
 
 @dataclass(frozen=True)
@@ -139,7 +189,7 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-Event = Union[TextDelta, ChoiceFinished, Usage]
+Event = Union[TextDelta, ToolCallDelta, ChoiceFinished, Usage]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mlxserve.protocol import TokenLogprob, Usage
+from mlxserve.protocol import TokenLogprob, ToolCall, Usage
 
 
 def usage_object(usage: Usage) -> dict[str, Any]:
@@ -50,27 +50,46 @@ class ResponseFormat:
         return {
             "tokens": [e.token for e in entries],
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+            "top_logprobs": [None if e.logprob is None else {t.token: t.logprob for t in e.top} for e in entries],
             "text_offset": offsets,
         }
 
     def choice(self, index: int, text: str, finish_reason: str | None,
-               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+               logprobs: dict[str, Any] | None = None, reasoning: str = "",
+               calls: list[ToolCall] | None = None) -> dict[str, Any]:
         if self.chat:
-            message = {"role": "assistant", "content": text, "refusal": None}
+            # OpenAI's content is null when the answer is only tool calls.
+            message: dict[str, Any] = {"role": "assistant", "content": None if calls and not text else text,
+                                       "refusal": None}
+            if reasoning:
+                message["reasoning_content"] = reasoning
+            if calls:
+                message["tool_calls"] = [_call(c) for c in calls]
             return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def chunk_choice(self, index: int, text: str | None, finish_reason: str | None, first: bool = False,
-                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+                     logprobs: dict[str, Any] | None = None, reasoning: bool = False) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {}
             if first:
                 delta["role"] = "assistant"
             if text is not None:
-                delta["content"] = text
+                delta["reasoning_content" if reasoning else "content"] = text
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def call_chunks(self, index: int, position: int, call: ToolCall) -> list[dict[str, Any]]:
+        """OpenAI's streamed form of a call: the first delta names it, the next carries its arguments."""
+        head = {"index": position, "id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": ""}}
+        tail = {"index": position, "function": {"arguments": call.arguments}}
+        return [{"index": index, "delta": {"tool_calls": [part]}, "logprobs": None, "finish_reason": None}
+                for part in (head, tail)]
+
+
+def _call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def _chat_entry(e: TokenLogprob) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from mlxserve.api import access_log, sse
 from mlxserve.api.errors import describe, log
 from mlxserve.api.formats import ResponseFormat, now, usage_object
 from mlxserve.api.schemas import ParsedGeneration
-from mlxserve.protocol import ChoiceFinished, GenerationRequest, TextDelta, TokenLogprob, Usage
+from mlxserve.protocol import ChoiceFinished, GenerationRequest, TextDelta, TokenLogprob, ToolCall, ToolCallDelta, Usage
 
 
 class GenerationStream(Protocol):
@@ -55,14 +55,19 @@ async def _collect(request: Request, stream: GenerationStream, parsed: ParsedGen
                    fmt: ResponseFormat) -> HTTPResponse:
     n = parsed.request.n
     texts: list[list[str]] = [[] for _ in range(n)]
+    thoughts: list[list[str]] = [[] for _ in range(n)]
+    calls: list[list[ToolCall]] = [[] for _ in range(n)]
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
     usage: Usage | None = None
     async for ev in stream:
         if isinstance(ev, TextDelta):
             access_log.note_first_token(request)
-            texts[ev.index].append(ev.text)
+            (thoughts if ev.reasoning else texts)[ev.index].append(ev.text)
             logprobs[ev.index].extend(ev.logprobs)
+        elif isinstance(ev, ToolCallDelta):
+            access_log.note_first_token(request)
+            calls[ev.index].append(ev.call)
         elif isinstance(ev, ChoiceFinished):
             reasons[ev.index] = ev.reason
         elif isinstance(ev, Usage):
@@ -70,7 +75,8 @@ async def _collect(request: Request, stream: GenerationStream, parsed: ParsedGen
     wants_logprobs = parsed.request.logprobs is not None
     body = _envelope(stream, parsed, fmt, fmt.object)
     body["choices"] = [
-        fmt.choice(i, "".join(texts[i]), reasons[i], fmt.logprobs(logprobs[i]) if wants_logprobs else None)
+        fmt.choice(i, "".join(texts[i]), reasons[i], fmt.logprobs(logprobs[i]) if wants_logprobs else None,
+                   reasoning="".join(thoughts[i]), calls=calls[i])
         for i in range(n)
     ]
     body["usage"] = usage_object(usage)
@@ -97,7 +103,11 @@ async def _stream(request: Request, stream: GenerationStream, parsed: ParsedGene
                 access_log.note_first_token(request)
                 logprobs = fmt.logprobs(list(ev.logprobs), offsets[ev.index]) if wants_logprobs else None
                 offsets[ev.index] += len(ev.text)
-                await send([fmt.chunk_choice(ev.index, ev.text, None, logprobs=logprobs)])
+                await send([fmt.chunk_choice(ev.index, ev.text, None, logprobs=logprobs, reasoning=ev.reasoning)])
+            elif isinstance(ev, ToolCallDelta):
+                access_log.note_first_token(request)
+                for chunk in fmt.call_chunks(ev.index, ev.position, ev.call):
+                    await send([chunk])
             elif isinstance(ev, ChoiceFinished):
                 await send([fmt.chunk_choice(ev.index, None, ev.reason)])
             elif isinstance(ev, Usage):

@@ -3,13 +3,18 @@
 `PARAMS` lists each body field in the order of OpenAI's API reference, then
 the extensions other local servers accept (marked with `extension`). Parsing,
 validation and the README's parameter table all come from this list; a test
-checks the README against it. Unknown fields are ignored, as OpenAI clients
-send many.
+checks the README against it. Every field of OpenAI's request schemas is here:
+implemented, accepted because it changes nothing (`user`, `store`, ...), or
+refused with a 400 when set to a value that would change the output
+(`audio`, `prediction`, ...). Fields outside OpenAI's schema are ignored, as
+other clients send their own extensions.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +25,10 @@ from mlxserve.protocol import (
     GenerationRequest,
     ImagePart,
     InvalidRequestError,
+    OutputFormat,
     SamplingParams,
+    Tool,
+    ToolCall,
 )
 
 CHAT = "chat"
@@ -145,6 +153,114 @@ def _stream_options(value: Any) -> bool:
     return include
 
 
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NAME_RULE = "1 to 64 letters, digits, underscores or dashes"
+
+
+@_described({"type": "object", "required": ["type"], "properties": {
+    "type": {"enum": ["text", "json_object", "json_schema"]},
+    "json_schema": {"type": "object", "properties": {
+        "name": {"type": "string", "pattern": _NAME.pattern}, "description": {"type": "string"},
+        "schema": {"type": "object"}, "strict": {"type": ["boolean", "null"]}}}}})
+def _response_format(value: Any) -> OutputFormat:
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise _Invalid("must be an object with type 'text', 'json_object' or 'json_schema'")
+    if value["type"] != "json_schema":
+        return OutputFormat(value["type"])
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise _Invalid("of type 'json_schema' needs a 'json_schema' object with the schema in 'schema'")
+    name = spec.get("name")
+    if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
+        raise _Invalid(f"json_schema.name must be {_NAME_RULE}")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise _Invalid("json_schema.schema must be a JSON Schema object")
+    return OutputFormat("json_schema", schema, name)
+
+
+_TOOL_SCHEMA = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "pattern": _NAME.pattern}, "description": {"type": "string"},
+        "parameters": {"type": "object"}, "strict": {"type": ["boolean", "null"]}}}}}
+
+
+@_described({"type": "array", "items": _TOOL_SCHEMA})
+def _tools(value: Any) -> tuple[Tool, ...]:
+    if not isinstance(value, list):
+        raise _Invalid("must be a list of function tools")
+    tools: list[Tool] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or item.get("type") != "function":
+            raise _Invalid(f"[{i}] must be an object with type 'function' (the only tool type served)")
+        function = item.get("function")
+        if not isinstance(function, dict):
+            raise _Invalid(f"[{i}].function must be an object")
+        name = function.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise _Invalid(f"[{i}].function.name must be {_NAME_RULE}")
+        if any(t.name == name for t in tools):
+            raise _Invalid(f"[{i}].function.name '{name}' is declared twice")
+        description = function.get("description") or ""
+        if not isinstance(description, str):
+            raise _Invalid(f"[{i}].function.description must be a string")
+        parameters = function.get("parameters")
+        if parameters is None:
+            parameters = {"type": "object", "properties": {}}
+        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+            raise _Invalid(f"[{i}].function.parameters must be a JSON Schema of type 'object'")
+        tools.append(Tool(name, description, parameters))
+    return tuple(tools)
+
+
+@_described({"oneOf": [{"enum": ["none", "auto", "required"]},
+                       {"type": "object", "required": ["type", "function"], "properties": {
+                           "type": {"const": "function"}, "function": {
+                               "type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}]})
+def _tool_choice(value: Any) -> tuple[str, str | None]:
+    """("none" | "auto" | "required", the function the model must call or None)."""
+    if value in ("none", "auto", "required"):
+        return value, None
+    function = value.get("function") if isinstance(value, dict) and value.get("type") == "function" else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise _Invalid("must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}")
+    return "required", function["name"]
+
+
+def _refused(what: str, harmless: Callable[[Any], bool] = lambda v: False, schema: dict[str, Any] | None = None
+             ) -> Callable[[Any], None]:
+    """A field of OpenAI's API this server cannot honour: a 400 unless its value changes nothing."""
+
+    @_described(schema or {"type": "null"})
+    def parse(value: Any) -> None:
+        if not harmless(value):
+            raise _Invalid(f"is not supported by this server: {what}")
+
+    return parse
+
+
+def _accepted(schema: dict[str, Any]) -> Callable[[Any], None]:
+    """A field that does not change the output (bookkeeping for OpenAI's platform): read and dropped."""
+
+    @_described(schema)
+    def parse(value: Any) -> None:
+        return None
+
+    return parse
+
+
+_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+@_described({"enum": list(_EFFORTS)})
+def _reasoning_effort(value: Any) -> bool:
+    """Whether the model should think: 'none' and 'minimal' turn a thinking model's thinking off."""
+    if value not in _EFFORTS:
+        raise _Invalid(f"must be one of {', '.join(_EFFORTS)}")
+    return value not in ("none", "minimal")
+
+
 @dataclass(frozen=True)
 class Param:
     name: str
@@ -157,6 +273,17 @@ class Param:
 
 PARAMS: tuple[Param, ...] = (
     Param("model", _string, "Model id from `/v1/models`."),
+    Param("audio", _refused("audio output needs an audio model"),
+          "Refused (400): no audio output.", endpoints=frozenset({CHAT})),
+    Param("best_of", _refused("it would need server-side ranking of choices; use 'n'", lambda v: v == 1,
+                              {"const": 1}), "Only 1 (the default) is accepted.", endpoints=frozenset({COMPLETIONS})),
+    Param("echo", _boolean,
+          "Return the prompt before the completion; with `logprobs`, the prompt tokens' logprobs too "
+          "(the first token's is null).", endpoints=frozenset({COMPLETIONS})),
+    Param("function_call", _refused("the deprecated functions API; use 'tools' and 'tool_choice'"),
+          "Refused (400): use `tool_choice`.", endpoints=frozenset({CHAT})),
+    Param("functions", _refused("the deprecated functions API; use 'tools' and 'tool_choice'"),
+          "Refused (400): use `tools`.", endpoints=frozenset({CHAT})),
     Param("frequency_penalty", _number(-2, 2),
           "[-2, 2], default 0. Subtracts `frequency_penalty * count[t]` from the logit of every token "
           "t generated so far in this completion."),
@@ -173,27 +300,67 @@ PARAMS: tuple[Param, ...] = (
           "Most tokens to generate; wins over `max_tokens`. Default: up to the context length.",
           endpoints=frozenset({CHAT})),
     Param("max_tokens", _integer(1), "Most tokens to generate (≥ 1). Default: up to the context length."),
+    Param("metadata", _accepted({"type": "object"}), "Accepted; changes nothing.", endpoints=frozenset({CHAT})),
+    Param("modalities", _refused("only text output is served", lambda v: v == ["text"],
+                                 {"type": "array", "items": {"const": "text"}, "minItems": 1, "maxItems": 1}),
+          "Only `[\"text\"]`.", endpoints=frozenset({CHAT})),
     Param("n", _integer(1, MAX_CHOICES),
           f"Number of independent choices, 1 to {MAX_CHOICES}; usage counts all of them."),
+    Param("parallel_tool_calls", _boolean,
+          "Whether a forced call (`tool_choice` `required` or a function) may be several calls. Default false, "
+          "as in llama.cpp's server (OpenAI's default is true): small models asked for calls repeat them "
+          "until they run out of tokens.", endpoints=frozenset({CHAT})),
+    Param("prediction", _refused("predicted outputs (speculative decoding from given text)"),
+          "Refused (400).", endpoints=frozenset({CHAT})),
     Param("presence_penalty", _number(-2, 2),
           "[-2, 2], default 0. Subtracts `presence_penalty` from the logit of every token generated "
           "at least once so far in this completion."),
+    Param("prompt_cache_key", _accepted({"type": "string"}),
+          "Accepted; changes nothing (prompts are cached by their tokens, per API key).",
+          endpoints=frozenset({CHAT})),
+    Param("prompt_cache_retention", _accepted({"type": "string"}), "Accepted; changes nothing.",
+          endpoints=frozenset({CHAT})),
+    Param("reasoning_effort", _reasoning_effort,
+          "For models that think (`<think>` markers): `none` or `minimal` turns thinking off, any other "
+          "value on. A 400 for models that do not think.", endpoints=frozenset({CHAT})),
+    Param("response_format", _response_format,
+          "`text`, `json_object`, or `json_schema` (`{\"json_schema\": {\"name\", \"schema\"}}`): enforced "
+          "while decoding, so the answer always parses (and validates) unless it ran out of tokens. A schema "
+          "keyword the grammar engine cannot enforce is a 400 naming it."),
+    Param("safety_identifier", _accepted({"type": "string"}), "Accepted; changes nothing.",
+          endpoints=frozenset({CHAT})),
     Param("seed", _integer(),
           "Same seed, prompt and parameters give the same output on the same machine, alone or "
           "batched with other requests. Without it each request draws fresh randomness."),
+    Param("service_tier", _accepted({"type": "string"}), "Accepted; changes nothing.", endpoints=frozenset({CHAT})),
     Param("stop", _stop,
           f"A string or up to {MAX_STOP_STRINGS} strings; generation ends before the first one, "
           "which is not returned (`finish_reason: \"stop\"`)."),
+    Param("store", _accepted({"type": "boolean"}), "Accepted; changes nothing.", endpoints=frozenset({CHAT})),
     Param("stream", _boolean, "Send Server-Sent Events, ending with `data: [DONE]`."),
     Param("stream_options", _stream_options,
           "`{\"include_usage\": true}` adds a last chunk with `usage` and empty `choices`."),
+    Param("suffix", _refused("fill-in-the-middle", lambda v: v == "", {"const": ""}),
+          "Refused (400) unless empty: no fill-in-the-middle.", endpoints=frozenset({COMPLETIONS})),
     Param("temperature", _number(0, 2),
           "[0, 2]. 0 is greedy (argmax); otherwise logits are divided by it. Default: the model's "
           "`generation_config.json` temperature if it has one, else 1.0."),
+    Param("tool_choice", _tool_choice,
+          "`auto` (default with tools), `none`, `required`, or `{\"type\": \"function\", \"function\": "
+          "{\"name\"}}`. `required` and a named function are enforced by grammar in the model's own "
+          "call syntax.", endpoints=frozenset({CHAT})),
+    Param("tools", _tools,
+          "Function tools (`{\"type\": \"function\", \"function\": {\"name\", \"description\", "
+          "\"parameters\"}}`), rendered by the model's chat template, or in a system message for templates "
+          "without tools. Calls come back in `message.tool_calls`.", endpoints=frozenset({CHAT})),
     Param("top_logprobs", _integer(0, 20),
           "With `logprobs: true`: also return the 0 to 20 most likely tokens at each step.",
           endpoints=frozenset({CHAT})),
     Param("top_p", _number(0, 1, lo_open=True), "(0, 1], default 1 (off). Nucleus sampling."),
+    Param("user", _accepted({"type": "string"}), "Accepted; changes nothing."),
+    Param("verbosity", _refused("answer length is the model's own"), "Refused (400).",
+          endpoints=frozenset({CHAT})),
+    Param("web_search_options", _refused("web search"), "Refused (400).", endpoints=frozenset({CHAT})),
     Param("top_k", _integer(),
           "Keep only the k most likely tokens; 0, -1 or absent is off; 1 is greedy.",
           extension="LM Studio, llama.cpp, vLLM"),
@@ -274,13 +441,37 @@ _IMAGE_PART = {"type": "object", "required": ["type", "image_url"], "properties"
     "type": {"const": "image_url"},
     "image_url": {"oneOf": [{"type": "string"}, {"type": "object", "required": ["url"],
                                                   "properties": {"url": {"type": "string"}}}]}}}
+_CALL = {"type": "object", "required": ["id", "type", "function"], "properties": {
+    "id": {"type": "string"}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name", "arguments"],
+                 "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
+
+
+def _tool_calls(value: Any, where: str) -> tuple[ToolCall, ...]:
+    """An assistant turn's `tool_calls`, as the history sends them back."""
+    if not isinstance(value, list):
+        raise InvalidRequestError(f"'{where}' must be a list of tool calls", param=where)
+    calls = []
+    for j, call in enumerate(value):
+        here = f"{where}[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not isinstance(call.get("id"), str):
+            raise InvalidRequestError(f"'{here}' must be {{\"id\", \"type\": \"function\", \"function\": "
+                                      "{\"name\", \"arguments\"}}", param=here)
+        arguments = function.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments)
+        calls.append(ToolCall(call["id"], function["name"], arguments))
+    return tuple(calls)
 
 
 @_described({"type": "array", "minItems": 1, "items": {
     "type": "object", "required": ["role"], "properties": {
         "role": {"enum": sorted(_ROLES)}, "name": {"type": "string"},
         "content": {"oneOf": [{"type": "string"}, {"type": "null"},
-                              {"type": "array", "items": {"oneOf": [_TEXT_PART, _IMAGE_PART]}}]}}}})
+                              {"type": "array", "items": {"oneOf": [_TEXT_PART, _IMAGE_PART]}}]},
+        "tool_calls": {"type": "array", "items": _CALL}, "tool_call_id": {"type": "string"}}}})
 def _messages(value: Any) -> tuple[ChatMessage, ...]:
     if not isinstance(value, list) or not value:
         raise InvalidRequestError("'messages' must be a non-empty list", param="messages")
@@ -296,8 +487,16 @@ def _messages(value: Any) -> tuple[ChatMessage, ...]:
                 param=f"{where}.role")
         parts = _content_parts(message.get("content"), f"{where}.content", role)
         name = message.get("name") if isinstance(message.get("name"), str) else None
+        calls = ()
+        if role == "assistant" and message.get("tool_calls") is not None:
+            calls = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
+        call_id = message.get("tool_call_id")
+        if role == "tool" and not isinstance(call_id, str):
+            raise InvalidRequestError(f"'{where}.tool_call_id' is required for a tool message (the id of the "
+                                      "call it answers)", param=f"{where}.tool_call_id")
         # Chat templates know "system"; OpenAI's newer "developer" role means the same.
-        messages.append(ChatMessage("system" if role == "developer" else role, parts, name))
+        messages.append(ChatMessage("system" if role == "developer" else role, parts, name, calls,
+                                    call_id if role == "tool" else None))
     return tuple(messages)
 
 
@@ -326,6 +525,7 @@ class ParsedGeneration:
 def _generation(values: dict[str, Any], logprobs: int | None, **inputs: Any) -> ParsedGeneration:
     sampling_fields = SamplingParams.__dataclass_fields__
     sampling = SamplingParams(**{k: v for k, v in values.items() if k in sampling_fields})
+    tool_choice, forced = values.get("tool_choice", ("auto", None))
     request = GenerationRequest(
         model=values["model"],
         max_tokens=values.get("max_completion_tokens", values.get("max_tokens")),
@@ -334,6 +534,13 @@ def _generation(values: dict[str, Any], logprobs: int | None, **inputs: Any) -> 
         n=values.get("n", 1),
         ttl=values.get("ttl"),
         logprobs=logprobs,
+        response_format=values.get("response_format", OutputFormat()),
+        tools=values.get("tools", ()),
+        tool_choice=tool_choice,
+        forced_tool=forced,
+        parallel_tool_calls=values.get("parallel_tool_calls", False),
+        echo=values.get("echo", False),
+        thinking=values.get("reasoning_effort"),
         **inputs,
     )
     return ParsedGeneration(
@@ -355,6 +562,13 @@ def parse_chat(body: dict[str, Any]) -> ParsedGeneration:
     if values.get("top_logprobs") and not values.get("logprobs"):
         raise InvalidRequestError("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
     logprobs = values.get("top_logprobs", 0) if values.get("logprobs") else None
+    tools = values.get("tools", ())
+    choice, forced = values.get("tool_choice", ("auto", None))
+    if choice == "required" and not tools:
+        raise InvalidRequestError("'tool_choice' asks for a tool call, but 'tools' declares none", param="tool_choice")
+    if forced is not None and forced not in {t.name for t in tools}:
+        raise InvalidRequestError(f"'tool_choice' names the function '{forced}', which 'tools' does not declare",
+                                  param="tool_choice")
     return _generation(values, logprobs, messages=_messages(body["messages"]))
 
 

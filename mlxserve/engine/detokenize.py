@@ -17,14 +17,18 @@ class Decoder(Protocol):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Decoder):
+    """`keep_special`: special tokens stay in the text (a model's think or tool-call markers may be
+    special tokens, and the channel stage after this one must see them)."""
+
+    def __init__(self, tokenizer: Decoder, keep_special: bool = False):
         self._tokenizer = tokenizer
+        self._skip = not keep_special
         self._ids: list[int] = []
         self._prefix = 0  # start of the decode window
         self._read = 0  # tokens before this index are already emitted
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
 
     def add(self, token: int) -> str:
         """Feed one token; return the text it completes (often '', never a partial character)."""

@@ -23,6 +23,7 @@ import numpy as np
 from mlx_lm.generate import BatchGenerator, GenerationBatch
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
+from mlxserve.engine.channels import ChannelSplitter, Piece
 from mlxserve.engine.detokenize import IncrementalDetokenizer
 from mlxserve.engine.kinds.embed import EmbeddingModel
 from mlxserve.engine.kinds.text import EncodedPrompt, TextModel
@@ -31,6 +32,7 @@ from mlxserve.engine.logs import LogHub
 from mlxserve.engine.manager import ModelManager
 from mlxserve.engine.sampling import make_logits_processor, make_sampler
 from mlxserve.engine.stops import StopMatcher
+from mlxserve.engine.tools import ToolFormat, parse_calls
 from mlxserve.protocol import (
     Accepted,
     ChoiceFinished,
@@ -46,6 +48,7 @@ from mlxserve.protocol import (
     ModelBusyError,
     TextDelta,
     TokenLogprob,
+    ToolCallDelta,
     Usage,
 )
 
@@ -82,6 +85,9 @@ class _Choice:
     uid: int = -1
     cacheable: bool = True  # its KV state may go to the prompt cache (not for image prompts)
     error: BaseException | None = None  # its sampler or logits processor failed; the step after ends it
+    channels: ChannelSplitter | None = None  # splits thinking and tool calls from the answer
+    tool_format: ToolFormat | None = None
+    calls: int = 0  # tool calls sent so far
 
 
 def _guarded(choice: _Choice, fn: Callable, fallback: Callable) -> Callable:
@@ -237,11 +243,20 @@ class _ModelRunner:
         active.prompt_tokens = len(tokens)
         active.open_choices = req.n
         reporter = None if req.logprobs is None else LogprobReporter(model.tokenizer, req.logprobs)
+        plan = encoded.output
+        splits = plan is not None and plan.splits
         choices = [
-            _Choice(i, active, IncrementalDetokenizer(model.tokenizer), StopMatcher(req.stop), reporter,
-                    cacheable=embeddings is None)
+            _Choice(i, active, IncrementalDetokenizer(model.tokenizer, keep_special=splits), StopMatcher(req.stop),
+                    reporter, cacheable=embeddings is None,
+                    channels=ChannelSplitter(plan.thinking, plan.tools and (plan.tools.start, plan.tools.end),
+                                             plan.reasoning_first) if splits else None,
+                    tool_format=plan.tools if plan is not None else None)
             for i in range(req.n)
         ]
+        constraints = []
+        if plan is not None and plan.matcher is not None:
+            first = model.grammars.constraint(plan.matcher, len(tokens))
+            constraints = [first] + [first.copy() for _ in range(req.n - 1)]
         # Seeded choices of one request differ from each other but repeat across runs.
         seeds = [None if req.sampling.seed is None else req.sampling.seed + i for i in range(req.n)]
         if embeddings is not None:
@@ -261,12 +276,19 @@ class _ModelRunner:
             caches=caches,
             all_tokens=history,
             samplers=[_guarded(c, make_sampler(temperature, s), _argmax) for c, s in zip(choices, seeds)],
-            logits_processors=[[_guarded(c, processor, _unchanged)] if processor else [] for c in choices],
+            logits_processors=[
+                # The grammar's mask comes first: penalties, truncation and temperature then act on the
+                # tokens it allows, and logprobs report the distribution actually sampled from.
+                [_guarded(c, f, _unchanged) for f in ([constraints[i]] if constraints else []) + [processor] if f]
+                for i, c in enumerate(choices)],
         )
         for uid, choice in zip(uids, choices):
             choice.uid = uid
             self.choices[uid] = choice
         active.sink(Accepted(prompt_tokens=len(tokens), system_fingerprint=model.system_fingerprint))
+        if req.echo:
+            for choice in choices:
+                active.sink(TextDelta(choice.index, encoded.text, self._prompt_logprobs(tokens, req.logprobs)))
         log.debug("request %d to %s: %d prompt tokens (%d cached): %r", active.id, model.name, len(tokens),
                   active.cached_tokens, encoded.text)
         self.logs.publish({"type": "request", "id": active.id, "model": model.name,
@@ -274,6 +296,23 @@ class _ModelRunner:
                            "prompt": encoded.text, "prompt_tokens": len(tokens),
                            "cached_tokens": active.cached_tokens,
                            "images": sum(len(m.images) for m in req.messages or ()), "n": req.n})
+
+    def _prompt_logprobs(self, tokens: list[int], top: int | None) -> tuple[TokenLogprob, ...]:
+        """`echo` with `logprobs`: each prompt token's logprob given the tokens before it (the first
+        token has none), from one more pass over the prompt, chunked like a prefill."""
+        if top is None:
+            return ()
+        reporter = LogprobReporter(self.model.tokenizer, top)
+        first = reporter.token_bytes(tokens[0])
+        entries = [TokenLogprob(first.decode("utf-8", errors="replace"), tuple(first), None)]
+        cache = make_prompt_cache(self.model.model)
+        for start in range(0, len(tokens) - 1, PREFILL_STEP):
+            chunk = tokens[start : min(start + PREFILL_STEP, len(tokens) - 1)]
+            logits = self.model.model(mx.array(chunk)[None], cache=cache)[0].astype(mx.float32)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            mx.eval(logprobs)
+            entries += [reporter.report(logprobs[j], tokens[start + j + 1]) for j in range(len(chunk))]
+        return tuple(entries)
 
     def _cache_key(self, scope: str) -> str:
         return f"{self.model.name}\x00{scope}"
@@ -331,7 +370,7 @@ class _ModelRunner:
             text, hit = choice.stops.feed(choice.detokenizer.add(r.token))
             if hit:
                 self.generator.remove([choice.uid])
-                self._send(choice, text, cut=True)
+                self._send(choice, text, cut=True, final=True)
                 self._end(choice, "stop")
             else:
                 self._send(choice, text)
@@ -353,12 +392,31 @@ class _ModelRunner:
                     break
                 kept.append(entry)
             logprobs = kept
-        if text or (final and logprobs):
-            choice.owner.sink(TextDelta(choice.index, text, tuple(logprobs)))
-            choice.pending_logprobs = []
-            if text and self.logs.active:
-                self.logs.publish({"type": "output", "id": choice.owner.id, "model": self.model.name,
-                                   "index": choice.index, "text": text})
+        if text and self.logs.active:
+            self.logs.publish({"type": "output", "id": choice.owner.id, "model": self.model.name,
+                               "index": choice.index, "text": text})
+        if choice.channels is None:
+            pieces = [Piece("normal", text)] if text else []
+        else:
+            pieces = choice.channels.feed(text) + (choice.channels.finish() if final else [])
+        for piece in pieces:
+            if piece.channel == "tool":
+                calls = parse_calls(choice.tool_format, piece.text, choice.owner.request.tools)
+                if calls is not None:
+                    for call in calls:
+                        choice.owner.sink(ToolCallDelta(choice.index, choice.calls, call))
+                        choice.calls += 1
+                    continue
+                # Not a call after all (cut short, or malformed): the client sees what the model wrote.
+                fmt = choice.tool_format
+                piece = Piece("normal", fmt.start + piece.text + (fmt.end if not final else ""))
+            choice.owner.sink(TextDelta(choice.index, piece.text, tuple(logprobs),
+                                        reasoning=piece.channel == "reasoning"))
+            logprobs = []
+        if final and logprobs:
+            choice.owner.sink(TextDelta(choice.index, "", tuple(logprobs)))
+            logprobs = []
+        choice.pending_logprobs = logprobs if not cut else []
 
     def _finish(self, choice: _Choice, reason: FinishReason) -> None:
         """Generation ended (length or end-of-sequence): release held-back text, then end the choice."""
@@ -371,7 +429,7 @@ class _ModelRunner:
     def _end(self, choice: _Choice, reason: FinishReason) -> None:
         del self.choices[choice.uid]
         owner = choice.owner
-        owner.sink(ChoiceFinished(choice.index, reason))
+        owner.sink(ChoiceFinished(choice.index, "tool_calls" if reason == "stop" and choice.calls else reason))
         owner.open_choices -= 1
         if owner.open_choices == 0:
             owner.sink(Usage(owner.prompt_tokens, owner.completion_tokens, owner.cached_tokens))
