@@ -9,9 +9,11 @@ from openai import OpenAI
 
 from mlxserve.engine.gguf import convert_gguf
 from tests.fixtures.server import ServerProcess
-from tests.fixtures.tiny_gguf import write_tiny_gguf
+from tests.fixtures.tiny_gguf import AGENT_TEMPLATE, AGENT_TOKENS, write_tiny_gguf
 
 TINY = "tiny-llama"
+TINY_AGENT = "tiny-agent"
+TINY_GENERIC = "tiny-generic"  # a template without tools: they go to a system message
 TINY_VLM = "tiny-vlm"
 SMOLLM = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
@@ -35,6 +37,30 @@ def tiny_server(tiny_home: Path):
 @pytest.fixture(scope="session")
 def tiny_client(tiny_server: ServerProcess) -> OpenAI:
     return OpenAI(base_url=tiny_server.base_url, api_key="anything", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def agent_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model whose template renders tools (mlx-lm's json_tools format) and opens thinking, and one
+    whose template knows nothing of tools; both with room for tool descriptions in their context."""
+    home = tmp_path_factory.mktemp("agent-home")
+    gguf = write_tiny_gguf(home / "agent.gguf", context=4096, extra_tokens=tuple(AGENT_TOKENS),
+                           chat_template=AGENT_TEMPLATE)
+    convert_gguf(gguf, home / "models" / TINY_AGENT)
+    convert_gguf(write_tiny_gguf(home / "generic.gguf", context=4096), home / "models" / TINY_GENERIC)
+    return home
+
+
+@pytest.fixture(scope="session")
+def agent_server(agent_home: Path):
+    server = ServerProcess(agent_home, [TINY_AGENT, TINY_GENERIC])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def agent_client(agent_server: ServerProcess) -> OpenAI:
+    return OpenAI(base_url=agent_server.base_url, api_key="anything", max_retries=0)
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,14 @@ class GrammarCompiler:
                 self._tokenizer = llguidance.hf.from_tokenizer(hf, eos_token=self._eos)
             return self._tokenizer
 
+    def marker(self, text: str) -> str:
+        """A model's marker (`<tool_call>`, `</think>`) as a Lark term: its token when it is one special
+        token (which no text spells), else the literal text."""
+        ids = self._hf.encode(text, add_special_tokens=False)
+        if len(ids) == 1 and self._llg_tokenizer().is_special_token(ids[0]):
+            return f"<[{ids[0]}]>"
+        return json.dumps(text)
+
     def constraint(self, matcher: llguidance.LLMatcher, prompt_length: int) -> Constraint:
         """A sequence's constraint from a compiled matcher, starting after its prompt."""
         return Constraint(matcher, prompt_length, self._llg_tokenizer().vocab_size)

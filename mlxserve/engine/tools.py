@@ -107,12 +107,13 @@ def _arguments(call: ToolCall) -> Any:
 
 
 def _json_calls(tools: tuple[Tool, ...], start: str, end: str, parallel: bool) -> str:
-    """Lark: one call (or several, when parallel calls are allowed) of `start` + JSON + `end`."""
+    """Lark: one call (or several, when parallel calls are allowed) of `start` + JSON + `end`
+    (the markers as Lark terms)."""
     body = {"anyOf": [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
                        "required": ["name", "arguments"], "additionalProperties": False} for t in tools]}
     repeat = ' ("\\n" call)*' if parallel else ""
     return (f"start: call{repeat}\n"
-            f"call: {json.dumps(start + chr(10))} body {json.dumps(chr(10) + end)}\n"
+            f'call: {start} "\\n" body "\\n" {end}\n'
             f"body: {lark_json(body)}\n")
 
 
@@ -123,15 +124,17 @@ GRAMMARS: dict[str, Callable[[tuple[Tool, ...], str, str, bool], str]] = {
 }
 
 
-def forced_call_grammar(fmt: ToolFormat, tools: tuple[Tool, ...], parallel: bool) -> str:
-    """The Lark grammar of a reply made only of calls to `tools`; a 400 for families without one."""
+def forced_call_grammar(fmt: ToolFormat, tools: tuple[Tool, ...], parallel: bool,
+                        marker: Callable[[str], str]) -> str:
+    """The Lark grammar of a reply made only of calls to `tools`; a 400 for families without one.
+    `marker` turns a marker into its Lark term (`GrammarCompiler.marker`)."""
     build = GRAMMARS.get(fmt.name)
     if build is None:
         raise InvalidRequestError(
             f"'tool_choice' must be 'auto' or 'none' for this model: forcing a call is not supported for "
             f"its tool-call format ({fmt.name}); supported formats: {', '.join(sorted(GRAMMARS))}",
             param="tool_choice")
-    return build(tools, fmt.start, fmt.end, parallel)
+    return build(tools, marker(fmt.start), marker(fmt.end), parallel)
 
 
 def parse_calls(fmt: ToolFormat, text: str, tools: tuple[Tool, ...]) -> list[ToolCall] | None:

@@ -186,8 +186,8 @@ class TextModel:
             if request.forced_tool is not None:
                 tools = tuple(t for t in tools if t.name == request.forced_tool)
             if request.tool_choice == "required" or fmt.name in GRAMMARS:
-                rules.append(forced_call_grammar(fmt, tools, request.parallel_tool_calls).replace(
-                    "start:", "calls:", 1))
+                rules.append(forced_call_grammar(fmt, tools, request.parallel_tool_calls,
+                                                 self.grammars.marker).replace("start:", "calls:", 1))
             else:
                 raise InvalidRequestError(
                     f"'response_format' cannot be combined with tools for this model: its tool-call format "
@@ -202,7 +202,9 @@ class TextModel:
             return plan
         if reasoning_first:
             # Constraints apply to the answer: the thinking is free text up to the model's end marker.
-            rules.append(f"think[suffix={json.dumps(thinking[1])}]: /(?s:.*)/")
+            end = self.grammars.marker(thinking[1])
+            rules.append(f"think: /(?s:.*)/ {end}" if end.startswith("<[")
+                         else f"think[suffix={end}]: /(?s:.*)/")
             body = f"think ({body})"
         param = "tool_choice" if body.endswith("calls") and answer is None else "response_format"
         plan.matcher = self._compile("\n".join([f"start: {body}"] + rules), param)
