@@ -2,7 +2,9 @@
 
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
+import jsonschema
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -75,3 +77,48 @@ def test_stop_string_over_several_tokens(default_client, stream):
         text = r.choices[0].message.content
         assert r.choices[0].finish_reason == "stop"
     assert text == "The capital "
+
+
+# Ten properties, as in the benchmark: the default model fills each one validly at any seed.
+PROFILE = {"type": "object", "additionalProperties": False, "properties": {
+    "name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0, "maximum": 130},
+    "email": {"type": "string", "maxLength": 60}, "city": {"type": "string", "maxLength": 40},
+    "country": {"type": "string", "maxLength": 40}, "score": {"type": "number"}, "active": {"type": "boolean"},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 4},
+    "zip": {"type": "string", "pattern": "^[0-9]{5}$"}, "phone": {"type": "string", "maxLength": 20}},
+    "required": ["name", "age", "email", "city", "country", "score", "active", "tags", "zip", "phone"]}
+
+
+def _twenty_seeds(ask):
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(ask, range(20)))
+
+
+def test_json_schema_validates_over_twenty_seeds_at_temperature_one(default_client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "profile", "schema": PROFILE, "strict": True}}
+    replies = _twenty_seeds(lambda seed: default_client.chat.completions.create(
+        model=SMOLLM, messages=[{"role": "user", "content": "Make up a customer profile."}], temperature=1.0,
+        seed=seed, max_tokens=400, response_format=fmt))
+    for reply in replies:
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), PROFILE)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}}
+
+
+def test_tool_choice_required_gives_a_valid_call_over_twenty_seeds(default_client):
+    replies = _twenty_seeds(lambda seed: default_client.chat.completions.create(
+        model=SMOLLM, messages=[{"role": "user", "content": "What's the weather like in Paris?"}], tools=[WEATHER],
+        tool_choice="required", temperature=1.0, seed=seed, max_tokens=200))
+    for reply in replies:
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        [call] = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+

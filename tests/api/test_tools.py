@@ -91,6 +91,18 @@ def test_streamed_call_deltas_have_openais_shape(agent_client):
                         WEATHER["function"]["parameters"])
 
 
+def test_auto_parses_a_call_the_model_writes(agent_client):
+    """With `auto`, whether to call is the model's choice; once it writes its call marker (favoured here),
+    the call is parsed from its own format. `response_format` keeps this random model's call well-formed:
+    with tools on `auto` the grammar takes an answer in that format or calls."""
+    reply = agent_client.chat.completions.create(
+        model=TINY_AGENT, messages=ASK, tools=[WEATHER], seed=0, max_tokens=120, logit_bias={"269": 100},
+        response_format={"type": "json_object"}, **NO_THINKING)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    _arguments_valid(choice.message.tool_calls[0], WEATHER)
+
+
 def test_a_conversation_with_calls_and_results_goes_on(agent_client):
     """The history's assistant `tool_calls` and `tool` results go through the template; the answer follows."""
     history = ASK + [
