@@ -87,6 +87,7 @@ class GrammarCompiler:
         if is_error:
             raise InvalidRequestError(f"'{param}' cannot be enforced: {_plain(messages[0])}", param=param)
         template = llguidance.LLMatcher(tokenizer, grammar)
+        template.compute_bitmask()  # the lexer's lazy work for the first step, here rather than on the engine thread
         if template.is_error():
             raise InvalidRequestError(f"'{param}' cannot be enforced: {_plain(template.get_error())}", param=param)
         with self._lock:
