@@ -174,6 +174,7 @@ class ToolCallDelta:
 class ChoiceFinished:
     index: int
     reason: FinishReason
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass(frozen=True)

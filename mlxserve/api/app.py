@@ -10,7 +10,7 @@ from mlxserve.api import access_log, security
 from mlxserve.api.body import TimedRequest
 from mlxserve.api.errors import register_error_handler
 from mlxserve.api.images import ImagePolicy
-from mlxserve.api.routes import admin, chat, completions, embeddings, health, models
+from mlxserve.api.routes import admin, chat, completions, embeddings, health, messages, models
 
 
 def create_app(engine: Any, *, max_body_bytes: int, image_policy: ImagePolicy,
@@ -30,7 +30,7 @@ def create_app(engine: Any, *, max_body_bytes: int, image_policy: ImagePolicy,
     app.config.RESPONSE_TIMEOUT = 7 * 24 * 3600
     app.ctx.engine = engine
     app.ctx.image_policy = image_policy
-    for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, admin.bp, health.bp):
+    for bp in (models.bp, chat.bp, completions.bp, messages.bp, embeddings.bp, admin.bp, health.bp):
         app.blueprint(bp)
     register_error_handler(app)
     security.install(app, api_keys, cors, host_names)

@@ -1,4 +1,7 @@
-"""Every error response, in one place: OpenAI's `{"error": {message, type, param, code}}`."""
+"""Every error response, in one place: OpenAI's `{"error": {message, type, param, code}}`, or, on
+Anthropic's paths (`/v1/messages`), Anthropic's `{"type": "error", "error": {type, message}}` with its
+status codes. The shape follows the request's path, whoever raised the error (a route, the body
+reader, the API-key check, Sanic's router)."""
 
 from __future__ import annotations
 
@@ -55,8 +58,32 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> HTTPResponse:
-    return json(error_body(status, message, param, code), status=status)
+ANTHROPIC_PATHS = "/v1/messages"
+
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
+
+
+def anthropic_error_body(status: int, message: str) -> tuple[int, dict]:
+    """Anthropic's status and error object: "the server cannot take more now" is its 529 (overloaded)."""
+    if status == 503:
+        status = 529
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return status, {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def shaped(path: str, status: int, message: str, param: str | None = None, code: str | None = None
+           ) -> tuple[int, dict]:
+    """The status and body of an error on `path`, in the shape of that path's API."""
+    if path.startswith(ANTHROPIC_PATHS):
+        return anthropic_error_body(status, message)
+    return status, error_body(status, message, param, code)
+
+
+def error_response(request: Request, status: int, message: str, param: str | None = None,
+                   code: str | None = None) -> HTTPResponse:
+    status, body = shaped(request.path, status, message, param, code)
+    return json(body, status=status)
 
 
 def _status_of(exc: MlxserveError) -> int:
@@ -65,12 +92,16 @@ def _status_of(exc: MlxserveError) -> int:
     return next((status for cls, status in _STATUS if isinstance(exc, cls)), 400)
 
 
-def describe(exc: BaseException) -> tuple[int, dict]:
-    """The status and OpenAI error object for any exception: a client's error keeps its 4xx (or 503);
-    anything else is a 500 whose message names the failure, for the log and the client alike."""
+def describe(exc: BaseException, path: str = "/v1") -> tuple[int, dict]:
+    """The status and error object (in `path`'s API's shape) for any exception: a client's error keeps its
+    4xx (or 503); anything else is a 500 whose message names the failure, for the log and the client alike."""
     if isinstance(exc, MlxserveError):
-        return _status_of(exc), error_body(_status_of(exc), exc.message, exc.param, exc.code)
-    return 500, error_body(500, f"Internal server error: {type(exc).__name__}: {exc}"[:2000])
+        return shaped(path, _status_of(exc), exc.message, exc.param, exc.code)
+    return shaped(path, 500, f"Internal server error: {type(exc).__name__}: {exc}"[:2000])
+
+
+def message_of(body: dict) -> str:
+    return body["error"]["message"]
 
 
 async def _handle(request: Request, exc: Exception) -> HTTPResponse:
@@ -92,11 +123,11 @@ async def _handle(request: Request, exc: Exception) -> HTTPResponse:
             message = f"Unknown route {request.method} {request.path}"
         elif status == 413:
             message = "Request body is too large"
-        return error_response(status, message)
+        return error_response(request, status, message)
     if not isinstance(exc, MlxserveError):
         log.exception("unexpected error on %s %s", request.method, request.path)
-    status, body = describe(exc)
-    request.ctx.error = body["error"]["message"]  # the access log says why
+    status, body = describe(exc, request.path)
+    request.ctx.error = message_of(body)  # the access log says why
     response = json(body, status=status)
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:

@@ -25,7 +25,8 @@ PROTECTED = ("/v1", "/api/")
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 ALLOWED_HEADERS = "Authorization, Content-Type, OpenAI-Organization, OpenAI-Project, X-Stainless-Lang, " \
                   "X-Stainless-Package-Version, X-Stainless-OS, X-Stainless-Arch, X-Stainless-Runtime, " \
-                  "X-Stainless-Runtime-Version, X-Stainless-Retry-Count, X-Stainless-Timeout"
+                  "X-Stainless-Runtime-Version, X-Stainless-Retry-Count, X-Stainless-Timeout, X-Api-Key, " \
+                  "Anthropic-Version, Anthropic-Beta, Anthropic-Dangerous-Direct-Browser-Access"
 
 
 def _allowed_origin(origin: str | None, origins: tuple[str, ...]) -> str | None:
@@ -78,24 +79,25 @@ def install(app: Sanic, api_keys: tuple[str, ...], cors: tuple[str, ...], hosts:
         host = request.headers.get("host")
         if not host_allowed(host, hosts):
             shown = host if len(host) < 100 else host[:100] + "…"
-            return error_response(403, f"This server does not answer to the name {shown!r} (a guard against DNS "
+            return error_response(request, 403, f"This server does not answer to the name {shown!r} (a guard against DNS "
                                        "rebinding); add it to allowed_hosts to allow it", code="invalid_host")
         if request.method == "OPTIONS" and request.headers.get("access-control-request-method"):
             allowed = _allowed_origin(request.headers.get("origin"), cors)
             if allowed is None:
-                return error_response(403, "This origin may not call mlxserve from a browser (see --cors)")
+                return error_response(request, 403, "This origin may not call mlxserve from a browser (see --cors)")
             return empty(204, headers={
                 "Access-Control-Allow-Origin": allowed, "Access-Control-Allow-Methods": ALLOWED_METHODS,
                 "Access-Control-Allow-Headers": request.headers.get("access-control-request-headers")
                 or ALLOWED_HEADERS, "Access-Control-Max-Age": "600", "Vary": "Origin"})
         if not expected or not request.path.startswith(PROTECTED):
             return None
-        given = (_bearer(request) or "").encode()
+        # Anthropic's clients send the key as x-api-key (Claude Code sends both).
+        given = (_bearer(request) or request.headers.get("x-api-key", "")).encode()
         # Every key is compared, so the time taken says nothing about which one nearly matched.
         matches = [hmac.compare_digest(given, key) for key in expected]
         if not given or not any(matches):
-            return error_response(401, "Missing or invalid API key: send it as `Authorization: Bearer <key>`",
-                                  code="invalid_api_key")
+            return error_response(request, 401, "Missing or invalid API key: send it as `Authorization: Bearer "
+                                  "<key>` (or `x-api-key: <key>`)", code="invalid_api_key")
         request.ctx.key_scope = key_scope(api_keys[matches.index(True)])
         return None
 

@@ -215,6 +215,13 @@ class Engine:
         assert isinstance(first, Accepted)
         return GenerationStream(events, first, lambda: self._scheduler.cancel(request_id), self._release)
 
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        """The prompt tokens `request` would have (its template, tools and images applied), without generating."""
+        self.check(request)
+        model = await self._loaded(request.model, request.ttl)
+        encoded = await self._prepare(model.encode, request)
+        return len(encoded.tokens)
+
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         """Embed every input, batched on the engine thread; raises the client's MlxserveError."""
         self._require(request.model, "embeddings", "/v1/embeddings", "an embedding model")

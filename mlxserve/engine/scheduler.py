@@ -429,7 +429,8 @@ class _ModelRunner:
     def _end(self, choice: _Choice, reason: FinishReason) -> None:
         del self.choices[choice.uid]
         owner = choice.owner
-        owner.sink(ChoiceFinished(choice.index, "tool_calls" if reason == "stop" and choice.calls else reason))
+        owner.sink(ChoiceFinished(choice.index, "tool_calls" if reason == "stop" and choice.calls else reason,
+                                  choice.stops.matched))
         owner.open_choices -= 1
         if owner.open_choices == 0:
             owner.sink(Usage(owner.prompt_tokens, owner.completion_tokens, owner.cached_tokens))

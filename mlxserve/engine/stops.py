@@ -12,6 +12,7 @@ class StopMatcher:
     def __init__(self, stops: tuple[str, ...]):
         self._stops = tuple(s for s in stops if s)
         self._pending = ""
+        self.matched: str | None = None  # the stop string that ended generation
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add generated text; return (text safe to send, whether a stop string was hit).
@@ -19,10 +20,11 @@ class StopMatcher:
         After a hit, the returned text is everything before the earliest stop string.
         """
         buffer = self._pending + text
-        hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
+        hits = [(i, s) for i, s in ((buffer.find(s), s) for s in self._stops) if i >= 0]
         if hits:
             self._pending = ""
-            return buffer[: min(hits)], True
+            at, self.matched = min(hits)
+            return buffer[:at], True
         held = self._held_suffix(buffer)
         self._pending = buffer[len(buffer) - held :]
         return buffer[: len(buffer) - held], False

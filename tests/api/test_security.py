@@ -132,3 +132,17 @@ def test_each_api_key_has_a_prompt_cache_of_its_own(tiny_home: Path, tmp_path: P
         assert cached(alice) > 10 and cached(bob) > 10  # each key reuses its own
     finally:
         server.stop()
+
+
+def test_anthropic_clients_send_the_key_as_x_api_key_and_get_anthropics_401(locked: ServerProcess):
+    import anthropic
+
+    ask = {"model": TINY, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    with pytest.raises(anthropic.AuthenticationError) as error:
+        anthropic.Anthropic(base_url=locked.base_url.removesuffix("/v1"), api_key="wrong-key",
+                            max_retries=0).messages.create(**ask)
+    assert error.value.status_code == 401 and error.value.body["type"] == "error"
+    assert error.value.body["error"]["type"] == "authentication_error"
+    reply = anthropic.Anthropic(base_url=locked.base_url.removesuffix("/v1"), api_key=KEY,
+                                max_retries=0).messages.create(**ask)
+    assert reply.type == "message"

@@ -7,7 +7,7 @@ from sanic.response import HTTPResponse
 
 from mlxserve.api.body import json_object
 from mlxserve.api.formats import TEXT
-from mlxserve.api.generation import respond
+from mlxserve.api.generation import OpenAIWire, respond
 from mlxserve.api.schemas import parse_completion
 
 bp = Blueprint("completions", url_prefix="/v1")
@@ -15,4 +15,4 @@ bp = Blueprint("completions", url_prefix="/v1")
 
 @bp.post("/completions")
 async def completions(request: Request) -> HTTPResponse | None:
-    return await respond(request, request.app.ctx.engine, parse_completion(json_object(request)), TEXT)
+    return await respond(request, request.app.ctx.engine, parse_completion(json_object(request)), OpenAIWire(TEXT))

@@ -123,10 +123,11 @@ class TextModel:
         turns = template_turns(messages, fmt)
         extra: dict[str, Any] = {}
         if request is not None and request.thinking is not None:
-            if self.thinking is None:
+            if self.thinking is None and request.thinking:
                 raise InvalidRequestError(f"'reasoning_effort' is for models that think; '{self.name}' does not",
                                           param="reasoning_effort")
-            extra["enable_thinking"] = request.thinking
+            if self.thinking is not None:
+                extra["enable_thinking"] = request.thinking
         if fmt is not None and request.tools and request.tool_choice != "none":
             if fmt.native:
                 extra["tools"] = tool_schemas(request.tools)
