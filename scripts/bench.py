@@ -9,6 +9,7 @@ for mlxserve.
     python scripts/bench.py --rounds 3 --json results.json
     python scripts/bench.py --llamacpp-python /tmp/llvenv/bin/python   # add llama.cpp's server
     python scripts/bench.py --constrained --rounds 3   # structured output against the same requests free
+    python scripts/bench.py --formats                  # what Anthropic's wire format adds per request
 
 Measured per server: single-stream decode tokens/s; time to first token (TTFT) for a 30-token
 and a 500-token prompt; aggregate output tokens/s at concurrency 1, 4 and 8; TTFT of each turn of
@@ -20,6 +21,10 @@ With --constrained, mlxserve alone, its peer being itself: decode tokens/s of re
 answer must match a 10-property JSON Schema (`response_format`), against the same requests
 unconstrained, at concurrency 1 and 8, interleaved; and the schema's compile time (in this
 process, on the model's tokenizer, each time a schema the cache has not seen).
+
+With --formats, mlxserve alone: the latency of one-token requests through chat completions and
+through Anthropic's /v1/messages, in pairs of random order, same prompt (so the prompt cache serves both alike);
+the difference of the medians is what the wire format adds per request.
 """
 
 from __future__ import annotations
@@ -302,6 +307,45 @@ def _run_constrained(args: argparse.Namespace, model_dir: Path, scratch: Path) -
                                          "machine": os.uname().machine, "cpus": os.cpu_count()}, indent=2))
 
 
+def _timed_post(server: Server, path: str, body: dict[str, Any]) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+    start = time.perf_counter()
+    conn.request("POST", path, json.dumps({**body, "model": server.model}), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    response.read()
+    elapsed = time.perf_counter() - start
+    conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"{path}: HTTP {response.status}")
+    return elapsed
+
+
+def _run_formats(args: argparse.Namespace, model_dir: Path, scratch: Path, pairs: int = 150) -> None:
+    server = _servers(args, model_dir, scratch)[0]
+    turn = [{"role": "user", "content": "Name one colour."}]
+    bodies = {"chat completions": ("/v1/chat/completions", {"messages": turn, "max_tokens": 1, "temperature": 0}),
+              "messages": ("/v1/messages", {"messages": turn, "max_tokens": 1, "temperature": 0})}
+    times: dict[str, list[float]] = {name: [] for name in bodies}
+    try:
+        server.start(scratch)
+        for name, (path, body) in bodies.items():  # warm-up: load, prompt cache
+            for _ in range(5):
+                _timed_post(server, path, body)
+        rng = random.Random(0)
+        for _ in tqdm(range(pairs), desc="format overhead", unit="pair"):
+            # A random order in each pair: a fixed alternation lets the engine's rhythm favour one side.
+            for name in rng.sample(list(bodies), len(bodies)):
+                path, body = bodies[name]
+                times[name].append(_timed_post(server, path, body))
+    finally:
+        server.stop()
+    medians = {name: statistics.median(t) * 1000 for name, t in times.items()}
+    print(f"\n| one-token request, median of {pairs}, ms | chat completions | messages | messages - chat |")
+    print("|---|---|---|---|")
+    print(f"| latency | {medians['chat completions']:.2f} | {medians['messages']:.2f} | "
+          f"{medians['messages'] - medians['chat completions']:+.2f} |")
+
+
 def _servers(args: argparse.Namespace, model_dir: Path, scratch: Path) -> list[Server]:
     servers = [
         Server("mlxserve", [sys.executable, "-m", "mlxserve", "serve", "--home", str(model_dir.parent.parent),
@@ -333,6 +377,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--constrained", action="store_true",
                         help="measure structured output (json_schema) against the same requests unconstrained")
+    parser.add_argument("--formats", action="store_true",
+                        help="measure what Anthropic's /v1/messages adds per request over chat completions")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="sampling temperature of the --constrained requests (default: %(default)s)")
     args = parser.parse_args()
@@ -347,8 +393,8 @@ def main() -> None:
         install_bundled(args.model, home / "models")
     scratch = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
     (scratch / "hf-empty").mkdir()
-    if args.constrained:
-        _run_constrained(args, model_dir, scratch)
+    if args.constrained or args.formats:
+        (_run_constrained if args.constrained else _run_formats)(args, model_dir, scratch)
         shutil.rmtree(scratch, ignore_errors=True)
         return
     if args.llamacpp_python and args.gguf is None:

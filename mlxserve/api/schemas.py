@@ -322,7 +322,7 @@ PARAMS: tuple[Param, ...] = (
           endpoints=frozenset({CHAT})),
     Param("reasoning_effort", _reasoning_effort,
           "For models that think (`<think>` markers): `none` or `minimal` turns thinking off, any other "
-          "value on. A 400 for models that do not think.", endpoints=frozenset({CHAT})),
+          "value on. Asking a model that does not think to think is a 400.", endpoints=frozenset({CHAT})),
     Param("response_format", _response_format,
           "`text`, `json_object`, or `json_schema` (`{\"json_schema\": {\"name\", \"schema\"}}`): enforced "
           "while decoding, so the answer always parses (and validates) unless it ran out of tokens. A schema "
