@@ -81,6 +81,11 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
                        help="memory for the KV caches of recent prompts, per loaded model, reused by requests "
                             "that start with the same tokens; 0 turns it off (default: 1/16 of physical "
                             "memory, at most 4GB)")
+    serve.add_argument("--responses-store", type=_arg("responses_store"), metavar="SIZE",
+                       help="room for responses that /v1/responses stores (`store`, for `previous_response_id`), "
+                            "in HOME/responses.sqlite; the oldest go first; 0 stores none (default: 256MB)")
+    serve.add_argument("--responses-max-age", type=_arg("responses_max_age"), metavar="SECONDS",
+                       help="how long a stored response is kept (default: 2592000, 30 days)")
     serve.add_argument("--max-concurrent", type=_arg("max_concurrent"), metavar="N",
                        help="sequences each model generates at once, in one batch (default: 32)")
     serve.add_argument("--max-queue", type=_arg("max_queue"), metavar="N",

@@ -164,6 +164,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("ttl", _seconds, "seconds an idle model stays loaded"),
     Option("max_memory", _size, "memory budget for loaded models"),
     Option("prompt_cache", _size, "bytes of prompt KV cache per loaded model; 0 turns it off"),
+    Option("responses_store", _size, "bytes of stored /v1/responses responses (SQLite in HOME); 0 keeps none"),
+    Option("responses_max_age", _seconds, "seconds a stored response is kept"),
     Option("max_concurrent", _whole(1), "sequences each model generates at once"),
     Option("max_queue", _whole(0), "requests that may wait for a slot before 503s"),
     Option("stall_seconds", _seconds, "/health is unhealthy when the engine loop is stuck this long"),
@@ -197,6 +199,8 @@ class Settings:
     ttl: float = 3600.0
     max_memory: int = field(default_factory=default_max_memory)
     prompt_cache: int = field(default_factory=default_prompt_cache_bytes)
+    responses_store: int = 256 * 2**20
+    responses_max_age: float = 30 * 24 * 3600.0
     max_concurrent: int = 32
     max_queue: int = 64
     stall_seconds: float = 60.0

@@ -10,14 +10,16 @@ from mlxserve.api import access_log, security
 from mlxserve.api.body import TimedRequest
 from mlxserve.api.errors import register_error_handler
 from mlxserve.api.images import ImagePolicy
-from mlxserve.api.routes import admin, chat, completions, embeddings, health, messages, models
+from mlxserve.api.routes import admin, chat, completions, embeddings, health, messages, models, responses
 
 
 def create_app(engine: Any, *, max_body_bytes: int, image_policy: ImagePolicy,
                preload: tuple[str, ...] = (), api_keys: tuple[str, ...] = (), cors: tuple[str, ...] = (),
-               host_names: frozenset[str] = frozenset({"localhost"}), request_timeout: float = 60) -> Sanic:
+               host_names: frozenset[str] = frozenset({"localhost"}), request_timeout: float = 60,
+               response_store: Any = None) -> Sanic:
     """`engine` offers list_models, get_model, generate, embed, start(preload) and stop().
-    `host_names`: the names clients may use in the Host header besides IP addresses."""
+    `host_names`: the names clients may use in the Host header besides IP addresses.
+    `response_store`: where /v1/responses keeps responses (a ResponseStore), or None to keep none."""
     # mlxserve configures logging itself (cli.py); Sanic would add a second handler.
     request_class = type("Request", (TimedRequest,), {"body_timeout": request_timeout})
     app = Sanic("mlxserve", configure_logging=False, request_class=request_class)
@@ -30,7 +32,8 @@ def create_app(engine: Any, *, max_body_bytes: int, image_policy: ImagePolicy,
     app.config.RESPONSE_TIMEOUT = 7 * 24 * 3600
     app.ctx.engine = engine
     app.ctx.image_policy = image_policy
-    for bp in (models.bp, chat.bp, completions.bp, messages.bp, embeddings.bp, admin.bp, health.bp):
+    app.ctx.response_store = response_store
+    for bp in (models.bp, chat.bp, completions.bp, responses.bp, messages.bp, embeddings.bp, admin.bp, health.bp):
         app.blueprint(bp)
     register_error_handler(app)
     security.install(app, api_keys, cors, host_names)

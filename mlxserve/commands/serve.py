@@ -58,6 +58,7 @@ def _path_hint() -> None:
 def serve(settings: Settings) -> None:
     from mlxserve.api.app import create_app
     from mlxserve.api.images import ImagePolicy
+    from mlxserve.api.response_store import ResponseStore
     from mlxserve.api.security import host_names
     from mlxserve.engine.engine import Engine
     from mlxserve.engine.store import ModelStore
@@ -73,10 +74,13 @@ def serve(settings: Settings) -> None:
                          remote_hosts=tuple(h.lower() for h in settings.remote_image_hosts),
                          file_folder=settings.image_folder)
     keys = settings.keys()
+    stored = None
+    if settings.responses_store > 0:
+        stored = ResponseStore(settings.home / "responses.sqlite", settings.responses_store, settings.responses_max_age)
     app = create_app(engine, max_body_bytes=settings.max_body_bytes, image_policy=images,
                      preload=settings.models, api_keys=keys, cors=settings.cors,
                      host_names=host_names(settings.host, settings.allowed_hosts),
-                     request_timeout=settings.request_timeout)
+                     request_timeout=settings.request_timeout, response_store=stored)
     if not keys and not _is_loopback(settings.host):
         print(f"mlxserve: WARNING: listening on {settings.host}, reachable from other machines, without an "
               "API key: anyone who can reach this port can use and manage your models. Set --api-key (or "

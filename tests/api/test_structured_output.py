@@ -57,7 +57,7 @@ def test_text_format_is_free_text(tiny_client):
 
 class Person(BaseModel):
     name: str = Field(max_length=10)
-    age: int
+    age: int = Field(ge=0, le=150)
 
 
 def test_the_sdks_parse_helper_gets_its_pydantic_model(tiny_client):
