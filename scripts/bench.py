@@ -9,7 +9,7 @@ for mlxserve.
     python scripts/bench.py --rounds 3 --json results.json
     python scripts/bench.py --llamacpp-python /tmp/llvenv/bin/python   # add llama.cpp's server
     python scripts/bench.py --constrained --rounds 3   # structured output against the same requests free
-    python scripts/bench.py --formats                  # what Anthropic's wire format adds per request
+    python scripts/bench.py --formats --rounds 4       # what each wire format adds; stored chains
 
 Measured per server: single-stream decode tokens/s; time to first token (TTFT) for a 30-token
 and a 500-token prompt; aggregate output tokens/s at concurrency 1, 4 and 8; TTFT of each turn of
@@ -22,9 +22,11 @@ answer must match a 10-property JSON Schema (`response_format`), against the sam
 unconstrained, at concurrency 1 and 8, interleaved; and the schema's compile time (in this
 process, on the model's tokenizer, each time a schema the cache has not seen).
 
-With --formats, mlxserve alone: the latency of one-token requests through chat completions and
-through Anthropic's /v1/messages, in pairs of random order, same prompt (so the prompt cache serves both alike);
-the difference of the medians is what the wire format adds per request.
+With --formats, mlxserve alone: the latency of one-token requests through chat completions, the
+Responses API and Anthropic's /v1/messages, in rounds of random order, same prompt (so the prompt
+cache serves them alike); the difference of the medians is what a wire format adds per request.
+Then the time to first token of the sixth turn of a conversation continued with
+`previous_response_id` against the same kind of conversation resent whole through chat completions.
 """
 
 from __future__ import annotations
@@ -320,10 +322,12 @@ def _timed_post(server: Server, path: str, body: dict[str, Any]) -> float:
     return elapsed
 
 
-def _run_formats(args: argparse.Namespace, model_dir: Path, scratch: Path, pairs: int = 150) -> None:
+def _run_formats(args: argparse.Namespace, model_dir: Path, scratch: Path, pairs: int = 120) -> None:
     server = _servers(args, model_dir, scratch)[0]
     turn = [{"role": "user", "content": "Name one colour."}]
     bodies = {"chat completions": ("/v1/chat/completions", {"messages": turn, "max_tokens": 1, "temperature": 0}),
+              "responses": ("/v1/responses", {"input": turn, "max_output_tokens": 1, "temperature": 0,
+                                              "store": False}),
               "messages": ("/v1/messages", {"messages": turn, "max_tokens": 1, "temperature": 0})}
     times: dict[str, list[float]] = {name: [] for name in bodies}
     try:
@@ -332,18 +336,66 @@ def _run_formats(args: argparse.Namespace, model_dir: Path, scratch: Path, pairs
             for _ in range(5):
                 _timed_post(server, path, body)
         rng = random.Random(0)
-        for _ in tqdm(range(pairs), desc="format overhead", unit="pair"):
-            # A random order in each pair: a fixed alternation lets the engine's rhythm favour one side.
+        for _ in tqdm(range(pairs), desc="format overhead", unit="round"):
+            # A random order in each round: a fixed alternation lets the engine's rhythm favour one side.
             for name in rng.sample(list(bodies), len(bodies)):
                 path, body = bodies[name]
                 times[name].append(_timed_post(server, path, body))
+        chains: dict[str, list[float]] = {"previous_response_id": [], "chat, history resent": []}
+        for r in tqdm(range(args.rounds), desc="6-turn chains", unit="round"):
+            for name in (chains if r % 2 == 0 else list(chains)[::-1]):
+                chains[name].append(_sixth_turn_ttft(server, random.Random(3000 + 2 * r + (name[0] == "c")),
+                                                     name[0] == "p", args.reply_tokens))
     finally:
         server.stop()
     medians = {name: statistics.median(t) * 1000 for name, t in times.items()}
-    print(f"\n| one-token request, median of {pairs}, ms | chat completions | messages | messages - chat |")
+    chat = medians["chat completions"]
+    print(f"\n| one-token request, median of {pairs}, ms | latency | over chat completions |")
+    print("|---|---|---|")
+    for name, value in medians.items():
+        print(f"| {name} | {value:.2f} | {value - chat:+.2f} |")
+    chain, resent = (statistics.median(t) for t in chains.values())
+    print(f"\n| 6-turn conversation, TTFT of turn 6, median of {args.rounds}, s | previous_response_id | "
+          "chat, history resent | resent / chain |")
     print("|---|---|---|---|")
-    print(f"| latency | {medians['chat completions']:.2f} | {medians['messages']:.2f} | "
-          f"{medians['messages'] - medians['chat completions']:+.2f} |")
+    print(f"| TTFT | {chain:.3f} | {resent:.3f} | {resent / chain:.2f}x |")
+
+
+def _sixth_turn_ttft(server: Server, rng: random.Random, chained: bool, reply_tokens: int) -> float:
+    """A 6-turn conversation, each turn streamed; the sixth turn's time to its first text."""
+    messages: list[dict[str, Any]] = []
+    previous = None
+    for turn in range(6):
+        question = {"role": "user", "content": f"Question {turn}: what about {_words(rng, 40)}?"}
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+        if chained:
+            body = {"model": server.model, "input": [question], "max_output_tokens": reply_tokens,
+                    "temperature": 0, "stream": True, **({"previous_response_id": previous} if previous else {})}
+            path = "/v1/responses"
+        else:
+            messages.append(question)
+            body = {"model": server.model, "messages": messages, "max_tokens": reply_tokens, "temperature": 0,
+                    "stream": True}
+            path = "/v1/chat/completions"
+        start = time.perf_counter()
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        first, text = None, []
+        for raw in conn.getresponse():
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            delta = event.get("delta") if event.get("type") == "response.output_text.delta" else \
+                next((c["delta"].get("content") for c in event.get("choices", []) if "delta" in c), None)
+            if delta:
+                first = first or time.perf_counter()
+                text.append(delta)
+            if event.get("type") in ("response.completed", "response.incomplete"):
+                previous = event["response"]["id"]
+        conn.close()
+        if not chained:
+            messages.append({"role": "assistant", "content": "".join(text)})
+    return first - start
 
 
 def _servers(args: argparse.Namespace, model_dir: Path, scratch: Path) -> list[Server]:
@@ -378,7 +430,8 @@ def main() -> None:
     parser.add_argument("--constrained", action="store_true",
                         help="measure structured output (json_schema) against the same requests unconstrained")
     parser.add_argument("--formats", action="store_true",
-                        help="measure what Anthropic's /v1/messages adds per request over chat completions")
+                        help="measure what /v1/responses and /v1/messages add per request over chat completions, "
+                             "and a previous_response_id chain against resending the history")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="sampling temperature of the --constrained requests (default: %(default)s)")
     args = parser.parse_args()

@@ -54,8 +54,24 @@ def _generation(endpoint: str, summary: str) -> dict[str, Any]:
     return {"post": _operation(summary, body, errors=(400, 403, 404, 413, 415, 503), stream=True)}
 
 
+# The Responses and Messages request bodies: their required fields and the types of the fields read most;
+# the README has the full account of each format.
+_RESPONSES_BODY = {"type": "object", "required": ["model", "input"], "properties": {
+    "model": {"type": "string"}, "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+    "instructions": {"type": "string"}, "max_output_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "tools": {"type": "array"},
+    "previous_response_id": {"type": "string"}, "store": {"type": "boolean"}, "stream": {"type": "boolean"}}}
+_MESSAGES_BODY = {"type": "object", "required": ["model", "max_tokens", "messages"], "properties": {
+    "model": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
+    "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role", "content"]}},
+    "system": {"oneOf": [{"type": "string"}, {"type": "array"}]}, "stop_sequences": {"type": "array"},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 1}, "tools": {"type": "array"},
+    "stream": {"type": "boolean"}}}
+
+
 def document() -> dict[str, Any]:
     model_path = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    response_path = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "mlxserve", "version": __version__,
@@ -63,6 +79,16 @@ def document() -> dict[str, Any]:
         "paths": {
             "/v1/chat/completions": _generation(CHAT, "Chat with the model's own chat template"),
             "/v1/completions": _generation(COMPLETIONS, "Continue a raw prompt"),
+            "/v1/responses": {"post": _operation("OpenAI's Responses API", _RESPONSES_BODY,
+                                                 errors=(400, 403, 404, 413, 415, 503), stream=True)},
+            "/v1/responses/{response_id}": {
+                "get": {**_operation("A stored response", errors=(404,)), "parameters": [response_path]},
+                "delete": {**_operation("Delete a stored response", errors=(404,)), "parameters": [response_path]}},
+            "/v1/messages": {"post": _operation("Anthropic's Messages API", _MESSAGES_BODY,
+                                                errors=(400, 403, 404, 413, 415, 529), stream=True)},
+            "/v1/messages/count_tokens": {"post": _operation(
+                "Prompt tokens of a Messages request", {**_MESSAGES_BODY, "required": ["model", "messages"]},
+                errors=(400, 403, 404, 413, 415, 529))},
             "/v1/embeddings": {"post": _operation(
                 "Vectors for strings or token ids", _body(EMBEDDING_PARAMS, ("model", "input")),
                 errors=(400, 403, 404, 413, 415, 503))},

@@ -254,6 +254,8 @@ def parse_responses(body: dict[str, Any]) -> ResponsesRequest:
 def with_history(req: ResponsesRequest, history: tuple[ChatMessage, ...]) -> ResponsesRequest:
     """The request's turns after the stored conversation, behind this request's own instructions
     (instructions are not carried over from a previous response, as in OpenAI's API)."""
+    if not history + req.input:
+        raise _bad("input", "holds no message (nor does a previous response): there is nothing to answer")
     system = (ChatMessage("system", (req.instructions,)),) if req.instructions else ()
     request = replace(req.parsed.request, messages=system + history + req.input)
     return replace(req, parsed=replace(req.parsed, request=request), history=history)

@@ -158,6 +158,8 @@ def test_what_codex_sends_is_served(agent_server):
 
 @pytest.mark.parametrize("body, param", [
     ({"model": TINY}, "input"),
+    ({"model": TINY, "input": []}, "input"),
+    ({"model": TINY, "input": [{"type": "reasoning", "summary": []}]}, "input"),
     ({"model": TINY, "input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
     ({"model": TINY, "input": "x", "background": True}, "background"),
     ({"model": TINY, "input": "x", "tools": [{"type": "function", "parameters": {}}]}, "tools[0].name"),

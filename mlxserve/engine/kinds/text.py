@@ -135,7 +135,7 @@ class TextModel:
                 turns = with_instructions(turns, request.tools)
         try:
             return self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False, **extra)
-        except TemplateError as exc:
+        except (TemplateError, ValueError) as exc:  # transformers raises ValueError for what no template can take
             raise InvalidRequestError(
                 f"The model's chat template rejected these messages: {exc}", param="messages"
             ) from exc
