@@ -419,6 +419,9 @@ class Mlxserve < Formula
 
   def post_install
     (etc/"mlxserve").mkpath
+    # launchd refuses to start a job whose working directory or log folder is missing.
+    (var/"mlxserve").mkpath
+    (var/"log").mkpath
     config = etc/"mlxserve/config.toml"
     return if config.exist?
 

@@ -226,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_home(sub)
         if action in ("install", "uninstall"):
             sub.add_argument("--dry-run", action="store_true", help="print what would be written and run")
+        if action in ("install", "uninstall", "status"):
             sub.add_argument("--platform", choices=PLATFORMS, default=current_platform(),
-                             help="write the service for this system (default: this one)")
+                             help="the service of this system (default: this one)")
         if action == "install":
             sub.add_argument("--no-start", action="store_true", help="write the file, do not start it")
         if action == "logs":

@@ -37,3 +37,12 @@ def test_every_locked_dependency_is_a_pinned_resource_with_its_sha256():
 def test_the_formula_is_valid_ruby():
     result = subprocess.run(["ruby", "-c", str(FORMULA)], capture_output=True, text=True)
     assert result.returncode == 0 and "Syntax OK" in result.stdout, result.stderr
+
+
+def test_post_install_makes_the_folders_the_service_runs_in():
+    """launchd does not start a job whose working directory is missing, and does not create log folders."""
+    formula = (ROOT / "Formula" / "mlxserve.rb").read_text()
+    post_install = formula[formula.index("def post_install"):formula.index("service do")]
+    service = formula[formula.index("service do"):formula.index("def caveats")]
+    assert 'working_dir var/"mlxserve"' in service and '(var/"mlxserve").mkpath' in post_install
+    assert 'var/"log/' in service and '(var/"log").mkpath' in post_install

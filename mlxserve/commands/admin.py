@@ -25,10 +25,13 @@ def service(settings: Settings, args: argparse.Namespace) -> None:
         warnings = services.uninstall(plan, settings.home)
         print(f"Removed {plan.path}")
     elif args.action == "status":
-        result = subprocess.run(plan.status, capture_output=True, text=True) if plan.path.exists() else None
         print(f"service file: {plan.path} ({'installed' if plan.path.exists() else 'not installed'})")
-        if result is not None:
-            print((result.stdout or result.stderr).strip())
+        if plan.path.exists():
+            try:
+                result = subprocess.run(plan.status, capture_output=True, text=True)
+                print("service: " + services.status_summary(plan.platform, result.returncode, result.stdout))
+            except FileNotFoundError:
+                print(f"service: {plan.status[0]} is not installed")
         try:
             health = AdminClient(daemon.base_url(settings.host, settings.port)).get("/health")
             print(f"server: {health['status']} on http://{settings.host}:{settings.port}/v1, "
