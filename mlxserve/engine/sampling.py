@@ -134,20 +134,39 @@ def make_logits_processor(
     return process
 
 
-def make_sampler(temperature: float, seed: int | None) -> Sampler:
-    """Argmax at temperature 0; otherwise a categorical draw with a per-request key.
+def greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
 
-    The key is split once per step, so the same seed gives the same tokens no
-    matter what else runs in the batch; no seed draws a fresh one from the OS.
-    """
-    if temperature == 0.0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
-    # Any 64-bit seed, negative ones too (and `seed + i` past the top), maps to one key of its own.
-    key = mx.random.key(secrets.randbits(63) if seed is None else seed % 2**64)
 
+def _categorical(key: mx.array) -> Sampler:
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
         key, step_key = mx.random.split(key)
         return mx.random.categorical(logprobs, key=step_key)
 
     return sample
+
+
+# One sampler for every request without a seed: its draws need no identity of their own.
+unseeded: Sampler = _categorical(mx.random.key(secrets.randbits(63)))
+
+
+def make_sampler(temperature: float, seed: int | None) -> Sampler:
+    """Argmax at temperature 0; otherwise a categorical draw (temperature is applied by the processor).
+
+    Requests without a seed, and greedy ones, share one sampler object each: mlx-lm's batch generator
+    samples a batch whose sequences share a sampler in one call instead of one per sequence. A seeded
+    request has its own key, split once per step, so the same seed gives the same tokens no matter
+    what else runs in the batch.
+    """
+    if temperature == 0.0:
+        return greedy
+    if seed is None:
+        return unseeded
+    # Any 64-bit seed, negative ones too (and `seed + i` past the top), maps to one key of its own.
+    return _categorical(mx.random.key(seed % 2**64))
+
+
+def is_shared(sampler: Sampler) -> bool:
+    """A sampler many sequences use at once: it cannot fail for one of them alone."""
+    return sampler is greedy or sampler is unseeded

@@ -30,7 +30,7 @@ from mlxserve.engine.kinds.text import EncodedPrompt, TextModel
 from mlxserve.engine.logprobs import LogprobReporter
 from mlxserve.engine.logs import LogHub
 from mlxserve.engine.manager import ModelManager
-from mlxserve.engine.sampling import make_logits_processor, make_sampler
+from mlxserve.engine.sampling import greedy, is_shared, make_logits_processor, make_sampler
 from mlxserve.engine.stops import StopMatcher
 from mlxserve.engine.tools import ToolFormat, parse_calls
 from mlxserve.protocol import (
@@ -107,10 +107,6 @@ def _guarded(choice: _Choice, fn: Callable, fallback: Callable) -> Callable:
 
 def _unchanged(context: mx.array, logits: mx.array) -> mx.array:
     return logits
-
-
-def _argmax(logprobs: mx.array) -> mx.array:
-    return mx.argmax(logprobs, axis=-1)
 
 
 @dataclass
@@ -275,7 +271,8 @@ class _ModelRunner:
             max_tokens=[max_tokens] * req.n,
             caches=caches,
             all_tokens=history,
-            samplers=[_guarded(c, make_sampler(temperature, s), _argmax) for c, s in zip(choices, seeds)],
+            samplers=[sampler if is_shared(sampler := make_sampler(temperature, s)) else _guarded(c, sampler, greedy)
+                      for c, s in zip(choices, seeds)],
             logits_processors=[
                 # The grammar's mask comes first: penalties, truncation and temperature then act on the
                 # tokens it allows, and logprobs report the distribution actually sampled from.

@@ -99,3 +99,14 @@ def test_same_seed_same_draws_different_seed_different_draws():
 
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
+
+
+def test_greedy_and_unseeded_requests_share_one_sampler_so_a_batch_samples_in_one_call():
+    """mlx-lm samples a whole batch at once only when every sequence has the same sampler object."""
+    from mlxserve.engine.sampling import is_shared, make_sampler
+
+    assert make_sampler(0.0, None) is make_sampler(0.0, 7)
+    assert make_sampler(0.7, None) is make_sampler(1.3, None)
+    assert is_shared(make_sampler(0.0, None)) and is_shared(make_sampler(0.7, None))
+    seeded = make_sampler(0.7, 1)
+    assert seeded is not make_sampler(0.7, 1) and not is_shared(seeded)
