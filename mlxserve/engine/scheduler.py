@@ -258,12 +258,14 @@ class _ModelRunner:
         if embeddings is not None:
             # Image prompts are prefilled from their embeddings here; the batch generator
             # continues from that cache with the last (text) token, as for a cached prefix.
-            prompts, history = [tokens[-1:]] * req.n, [tokens[:-1]] * req.n
+            prompts, history = [tokens[-1:] for _ in choices], [tokens[:-1] for _ in choices]
             caches = [self._prefill(tokens[:-1], embeddings[:-1]) for _ in range(req.n)]
         else:
             cache, rest = self._cached_prefix(req.cache_scope, tokens)
             active.cached_tokens = len(tokens) - len(rest)
-            prompts, history = [rest] * req.n, [tokens[: active.cached_tokens]] * req.n
+            # A list each: mlx-lm extends every sequence's token history in place, and one list shared by
+            # the choices would grow once per choice (the penalties and the grammar read it).
+            prompts, history = [list(rest) for _ in choices], [tokens[: active.cached_tokens] for _ in choices]
             caches = None if cache is None else [cache] + [copy.deepcopy(cache) for _ in range(req.n - 1)]
         processor = make_logits_processor(req.sampling, len(tokens), temperature)
         uids = self.generator.insert(

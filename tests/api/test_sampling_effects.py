@@ -2,7 +2,7 @@
 
 import threading
 
-from tests.conftest import SMOLLM
+from tests.conftest import SMOLLM, TINY
 from tests.fixtures.server import ServerProcess
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -140,3 +140,12 @@ def test_completion_logprobs_shape(default_client):
     assert "".join(lp.tokens) == r.choices[0].text
     assert all(len(alts) == 2 for alts in lp.top_logprobs)
     assert lp.text_offset[0] == 0
+
+
+def test_the_penalties_of_n_choices_count_only_their_own_output(tiny_client):
+    """A presence penalty over "what this choice generated" must not see the prompt once per other choice:
+    with n = 3, each choice equals the same request's n = 1 answer with its seed."""
+    ask = {"model": TINY, "prompt": "the cat sat", "max_tokens": 12, "presence_penalty": 2.0, "temperature": 0.9}
+    many = tiny_client.completions.create(n=3, seed=40, **ask)
+    for i, choice in enumerate(many.choices):
+        assert choice.text == tiny_client.completions.create(seed=40 + i, **ask).choices[0].text

@@ -109,3 +109,16 @@ def test_a_malformed_response_format_is_a_400(tiny_client, fmt):
     with pytest.raises(openai.BadRequestError) as err:
         _ask(tiny_client, 0, response_format=fmt)
     assert err.value.body["param"] == "response_format"
+
+
+def test_every_choice_of_n_is_constrained(tiny_client):
+    """Each choice has its own token history (a shared one grew once per choice, and the grammar then read
+    the prompt as if it had been generated: a 500 found by schemathesis)."""
+    reply = tiny_client.completions.create(
+        model=TINY, prompt="LPT1", n=4, seed=2005, max_tokens=200, presence_penalty=-0.7,
+        extra_body={"repeat_penalty": 8.8, "response_format": {"type": "json_schema",
+                                                               "json_schema": {"name": "p", "schema": PERSON}}})
+    assert len(reply.choices) == 4
+    for choice in reply.choices:
+        jsonschema.validate(json.loads(choice.text), PERSON)
+
