@@ -82,11 +82,8 @@ class GrammarCompiler:
             if template is not None:
                 self._cache.move_to_end(grammar)
                 return template.deep_copy()
-        tokenizer = self._llg_tokenizer()
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
-        if is_error:
-            raise InvalidRequestError(f"'{param}' cannot be enforced: {_plain(messages[0])}", param=param)
-        template = llguidance.LLMatcher(tokenizer, grammar)
+        # One compile: a grammar llguidance cannot build leaves the matcher in an error state that names why.
+        template = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
         template.compute_bitmask()  # the lexer's lazy work for the first step, here rather than on the engine thread
         if template.is_error():
             raise InvalidRequestError(f"'{param}' cannot be enforced: {_plain(template.get_error())}", param=param)
