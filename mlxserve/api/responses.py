@@ -30,6 +30,7 @@ from mlxserve.api.schemas import (
     _integer,
     _Invalid,
     _number,
+    _refused,
     _response_format,
     _string,
 )
@@ -193,11 +194,6 @@ def _plain_string(value: Any) -> str:
     return value
 
 
-def _refused(body: dict[str, Any], name: str, harmless: Callable[[Any], bool], why: str) -> None:
-    if body.get(name) is not None and not harmless(body[name]):
-        raise _bad(name, f"is not supported by this server: {why}")
-
-
 @dataclass(frozen=True)
 class ResponsesRequest:
     """A parsed /v1/responses request: the generation, and what the response object echoes or the store needs."""
@@ -218,11 +214,11 @@ def parse_responses(body: dict[str, Any]) -> ResponsesRequest:
         raise _bad("model", "is required")
     if body.get("input") is None:
         raise _bad("input", "is required")
-    _refused(body, "background", lambda v: v is False, "background responses")
-    _refused(body, "conversation", lambda v: False, "the Conversations API; use previous_response_id")
-    _refused(body, "prompt", lambda v: False, "stored prompt templates")
-    _refused(body, "truncation", lambda v: v == "disabled", "'auto' truncation; the context limit is a 400")
-    _refused(body, "max_tool_calls", lambda v: False, "a cap on tool calls")
+    _read(body, "background", _refused("background responses", lambda v: v is False))
+    _read(body, "conversation", _refused("the Conversations API; use previous_response_id"))
+    _read(body, "prompt", _refused("stored prompt templates"))
+    _read(body, "truncation", _refused("'auto' truncation; the context limit is a 400", lambda v: v == "disabled"))
+    _read(body, "max_tool_calls", _refused("a cap on tool calls"))
     turns = tuple(input_turns(body["input"]))
     instructions = _read(body, "instructions", _plain_string)
     tools = _tools(body["tools"]) if body.get("tools") is not None else ()
