@@ -37,12 +37,12 @@ class Mlxserve < Formula
   end
 
   resource "cffi" do
-    url "https://files.pythonhosted.org/packages/54/7d/16e5a096677b5e313ca80cd5e5170efa3ea44624a82bb111925522da64b1/cffi-2.1.1-cp312-cp312-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/54/7d/16e5a096677b5e313ca80cd5e5170efa3ea44624a82bb111925522da64b1/cffi-2.1.1-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "f81b3b8f3d4e343550fa4baa0e479bba9f2d29ce9c2e9b51d1ce1718d7442fcf"
   end
 
   resource "charset-normalizer" do
-    url "https://files.pythonhosted.org/packages/c6/3b/df144a2ee54de30605fb046b80c5948dca47499383e5efecfbca3c46c2f7/charset_normalizer-3.5.3-cp312-cp312-macosx_10_13_universal2.whl"
+    url "https://files.pythonhosted.org/packages/c6/3b/df144a2ee54de30605fb046b80c5948dca47499383e5efecfbca3c46c2f7/charset_normalizer-3.5.3-cp312-cp312-macosx_10_13_universal2.whl", using: :nounzip
     sha256 "92bf85ecec3ad6374ae50d870bd1deb34de12bc1158b5fd09036d4c435c6f58c"
   end
 
@@ -52,7 +52,7 @@ class Mlxserve < Formula
   end
 
   resource "cryptography" do
-    url "https://files.pythonhosted.org/packages/e5/56/d194340cc4a57535e82e1bee9e89667ac4b7c13b5d3f59686deae3094dd5/cryptography-50.0.2-cp311-abi3-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/e5/56/d194340cc4a57535e82e1bee9e89667ac4b7c13b5d3f59686deae3094dd5/cryptography-50.0.2-cp311-abi3-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "fa8f5efb344d6908a1ce62f4a24e2e5780f825d6f53f5f50ec5ffacac72936cb"
   end
 
@@ -92,7 +92,7 @@ class Mlxserve < Formula
   end
 
   resource "hf-xet" do
-    url "https://files.pythonhosted.org/packages/d4/f2/ef25e2085e92dcaeaa675331e443923aed2006f6fe2d984e15d8b8d40766/hf_xet-1.8.0-cp38-abi3-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/d4/f2/ef25e2085e92dcaeaa675331e443923aed2006f6fe2d984e15d8b8d40766/hf_xet-1.8.0-cp38-abi3-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "3e8934784425781f0f779b91044df441f3a7af4dab47375d7e3aeaecbb8eecb4"
   end
 
@@ -107,7 +107,7 @@ class Mlxserve < Formula
   end
 
   resource "httptools" do
-    url "https://files.pythonhosted.org/packages/da/ed/0916b8b7ebd1deeaf22acba71b68c57b4b6b69aa1918f3812dea208b4276/httptools-0.9.0-cp312-cp312-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/da/ed/0916b8b7ebd1deeaf22acba71b68c57b4b6b69aa1918f3812dea208b4276/httptools-0.9.0-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "f9ccc9884241efceb4547a92955d128574c864681f11b7ea3ecbde295fafbe8b"
   end
 
@@ -132,7 +132,7 @@ class Mlxserve < Formula
   end
 
   resource "llguidance" do
-    url "https://files.pythonhosted.org/packages/6e/6e/f4acb8bd966e3533ebc888eeb7854482ece71668e002401a41bbfe37dd07/llguidance-1.9.1-cp39-abi3-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/6e/6e/f4acb8bd966e3533ebc888eeb7854482ece71668e002401a41bbfe37dd07/llguidance-1.9.1-cp39-abi3-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "a942487cd6221b793df3a11450881a6c9d25a45460a900c56d99b682633c45fe"
   end
 
@@ -142,7 +142,7 @@ class Mlxserve < Formula
   end
 
   resource "markupsafe" do
-    url "https://files.pythonhosted.org/packages/a2/f0/d6613774d86fbf6d145751d43c59875e47a6f9f17daee0aef173bd36d90e/markupsafe-3.0.4-cp312-cp312-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/a2/f0/d6613774d86fbf6d145751d43c59875e47a6f9f17daee0aef173bd36d90e/markupsafe-3.0.4-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "0930db9bdc62d22944e10b066448bb65dc9abe9112880c7cab8da54db4284d5f"
   end
 
@@ -152,12 +152,12 @@ class Mlxserve < Formula
   end
 
   resource "miniaudio" do
-    url "https://files.pythonhosted.org/packages/f7/ac/30a324f758bed1b193e017ec25183cfb10a79e549656331f5d068a2d343a/miniaudio-1.71-cp312-cp312-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/f7/ac/30a324f758bed1b193e017ec25183cfb10a79e549656331f5d068a2d343a/miniaudio-1.71-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "8fc1a4f084cc1b4b25c567d22f54d1e46bfa505c17ed777c8b198e5c53d0f785"
   end
 
   resource "mlx" do
-    url "https://files.pythonhosted.org/packages/69/b0/e726ce51e1b445e4ed08c2d0e036a01c7532f4d1a856328da546a6f883bd/mlx-0.32.4-cp312-cp312-macosx_14_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/69/b0/e726ce51e1b445e4ed08c2d0e036a01c7532f4d1a856328da546a6f883bd/mlx-0.32.4-cp312-cp312-macosx_14_0_arm64.whl", using: :nounzip
     sha256 "ff1d7be54758ea3a875b8fe54eff13bed17ad9566505e301f5d7851bf869680f"
   end
 
@@ -172,7 +172,7 @@ class Mlxserve < Formula
   end
 
   resource "mlx-metal" do
-    url "https://files.pythonhosted.org/packages/77/24/7e5b7ed5d28abacab4577c7a8dd1fca6e9058504f5f95ae4333c09420e2e/mlx_metal-0.32.4-py3-none-macosx_14_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/77/24/7e5b7ed5d28abacab4577c7a8dd1fca6e9058504f5f95ae4333c09420e2e/mlx_metal-0.32.4-py3-none-macosx_14_0_arm64.whl", using: :nounzip
     sha256 "8019b2db622599267d66cc168b2f0dbf5af929790a6c3b3913e00eabc42a7947"
   end
 
@@ -182,7 +182,7 @@ class Mlxserve < Formula
   end
 
   resource "multidict" do
-    url "https://files.pythonhosted.org/packages/36/eb/6ae44062466c26c8469ef43f2481a6a48d8cea0587b2d54514ec92e2adfd/multidict-6.9.1-cp312-cp312-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/36/eb/6ae44062466c26c8469ef43f2481a6a48d8cea0587b2d54514ec92e2adfd/multidict-6.9.1-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "6ed30be8918e18c8bed0a2e8b70639ecf02feb61ed00ca2e41cfcb2a50fa3f42"
   end
 
@@ -192,12 +192,12 @@ class Mlxserve < Formula
   end
 
   resource "numpy" do
-    url "https://files.pythonhosted.org/packages/8a/92/6de34324a266b73c04ba977db5864b9016500076b26f09078a565f527d34/numpy-2.5.5-cp312-cp312-macosx_14_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/8a/92/6de34324a266b73c04ba977db5864b9016500076b26f09078a565f527d34/numpy-2.5.5-cp312-cp312-macosx_14_0_arm64.whl", using: :nounzip
     sha256 "a3856a97e48ed8371c680fb04120b99fbcc29f2076ebe6dc3deb34f77947c5ca"
   end
 
   resource "opencv-python" do
-    url "https://files.pythonhosted.org/packages/9c/75/76f6ade78f6102c61034f828e2a22616708df2c9504bc8d6af9dd8f73dc5/opencv_python-5.0.0.93-cp37-abi3-macosx_13_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/9c/75/76f6ade78f6102c61034f828e2a22616708df2c9504bc8d6af9dd8f73dc5/opencv_python-5.0.0.93-cp37-abi3-macosx_13_0_arm64.whl", using: :nounzip
     sha256 "198a75138241810206a17c829dbcc40a7cb1841cda538ca86cbbfc6c7d95f898"
   end
 
@@ -212,22 +212,22 @@ class Mlxserve < Formula
   end
 
   resource "pandas" do
-    url "https://files.pythonhosted.org/packages/f8/e2/dbcb8b3639358f49a723cbe7e9e505be378a981b5e5dbc403bca978b368a/pandas-3.1.1-cp312-cp312-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/f8/e2/dbcb8b3639358f49a723cbe7e9e505be378a981b5e5dbc403bca978b368a/pandas-3.1.1-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "3b10ae67d301ea84d0969388557cf8b90ea7870def14fd743614bde890104163"
   end
 
   resource "pillow" do
-    url "https://files.pythonhosted.org/packages/39/4b/f2ed53d83aa44ac19599ac0a54897f867fafb95f406980d1e24083f8cbe3/pillow-13.0.0-cp312-cp312-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/39/4b/f2ed53d83aa44ac19599ac0a54897f867fafb95f406980d1e24083f8cbe3/pillow-13.0.0-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "fc481f742ccda20e9ed760b8f978dff50f2a4e9bc253ac167fb0a05b0783ef52"
   end
 
   resource "protobuf" do
-    url "https://files.pythonhosted.org/packages/32/72/98342feb672507c8f3a69e34b4fa8961f608edba5c1a48a6f47156d92cb5/protobuf-7.36.2-cp310-abi3-macosx_10_9_universal2.whl"
+    url "https://files.pythonhosted.org/packages/32/72/98342feb672507c8f3a69e34b4fa8961f608edba5c1a48a6f47156d92cb5/protobuf-7.36.2-cp310-abi3-macosx_10_9_universal2.whl", using: :nounzip
     sha256 "cbc70b17ee27e28894c7fee8bb04be1abead49e936bc70eb60052531eee2079e"
   end
 
   resource "pyarrow" do
-    url "https://files.pythonhosted.org/packages/61/81/dc5814d61f8c956363e81bcaba61b4712a5d227324d40c766b3858160711/pyarrow-26.0.1-cp312-cp312-macosx_12_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/61/81/dc5814d61f8c956363e81bcaba61b4712a5d227324d40c766b3858160711/pyarrow-26.0.1-cp312-cp312-macosx_12_0_arm64.whl", using: :nounzip
     sha256 "217497a51fd41abb74502ba2f4900872e0944c226945c02ee8a1cb4f81df3392"
   end
 
@@ -242,7 +242,7 @@ class Mlxserve < Formula
   end
 
   resource "pydantic-core" do
-    url "https://files.pythonhosted.org/packages/9f/6f/4e172894c2a4ca3bacd6c5f823ea5576df25eafe7593ffeb3576895b92aa/pydantic_core-2.50.5-cp312-cp312-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/9f/6f/4e172894c2a4ca3bacd6c5f823ea5576df25eafe7593ffeb3576895b92aa/pydantic_core-2.50.5-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "a9bcf23628860d5a90cacdc188ee3b7d0547a38eb985214f03e7002a6ca0e558"
   end
 
@@ -262,12 +262,12 @@ class Mlxserve < Formula
   end
 
   resource "pyyaml" do
-    url "https://files.pythonhosted.org/packages/c7/30/efaabf2d135d11f32cbd4752f3b7df0d592894ee3ca252bbba013a7d5891/pyyaml-6.0.4-cp312-cp312-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/c7/30/efaabf2d135d11f32cbd4752f3b7df0d592894ee3ca252bbba013a7d5891/pyyaml-6.0.4-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "4d30c2f186612bd2f9f07c08a4c96721af59cfc8da3ec7cb27dfa2834e8bb019"
   end
 
   resource "regex" do
-    url "https://files.pythonhosted.org/packages/51/d2/45aedbbf94e0cee3d64ff2a170dc89cfe52edaecab4f88645c996bfff589/regex-2026.11.19-cp312-cp312-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/51/d2/45aedbbf94e0cee3d64ff2a170dc89cfe52edaecab4f88645c996bfff589/regex-2026.11.19-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "7ecca76778a2889d59a978ddb78864ea55b70238ed60245bccada4f01578cbbd"
   end
 
@@ -282,7 +282,7 @@ class Mlxserve < Formula
   end
 
   resource "safetensors" do
-    url "https://files.pythonhosted.org/packages/f5/b1/fa7c600e7dceae12e9606c7578cbc9ff1e1ed55844883ee5c92205e86226/safetensors-0.8.0-cp310-abi3-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/f5/b1/fa7c600e7dceae12e9606c7578cbc9ff1e1ed55844883ee5c92205e86226/safetensors-0.8.0-cp310-abi3-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "c80201d22cbf405b80647a60ada77bba06c8fba2da2743ba1e89cdcc39a81f25"
   end
 
@@ -297,12 +297,12 @@ class Mlxserve < Formula
   end
 
   resource "scipy" do
-    url "https://files.pythonhosted.org/packages/a5/f6/a5b82f8abbe14d134691b8b903696f701d25a081353a29dc655c364d9e62/scipy-1.18.1-cp312-cp312-macosx_14_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/a5/f6/a5b82f8abbe14d134691b8b903696f701d25a081353a29dc655c364d9e62/scipy-1.18.1-cp312-cp312-macosx_14_0_arm64.whl", using: :nounzip
     sha256 "7bbf207c4453ce1ad2e00b17313852b33310b83090c2311bdaf97f93c0380d12"
   end
 
   resource "sentencepiece" do
-    url "https://files.pythonhosted.org/packages/f8/a9/8dbb891f51a80f1f47afa3d5336b165e269c4fa87f47b7fba6fc34a4a6a0/sentencepiece-0.2.3-cp312-cp312-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/f8/a9/8dbb891f51a80f1f47afa3d5336b165e269c4fa87f47b7fba6fc34a4a6a0/sentencepiece-0.2.3-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "9b39b16b889c9d3be4f00f1a0a4283ee81ad8af745d48023e5ab18c724019c08"
   end
 
@@ -327,7 +327,7 @@ class Mlxserve < Formula
   end
 
   resource "tokenizers" do
-    url "https://files.pythonhosted.org/packages/b2/72/01e49f032bb346e5aaf06c10c74fe8aeec847173adbadd66eb7c53054bf2/tokenizers-0.23.3-cp310-abi3-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/b2/72/01e49f032bb346e5aaf06c10c74fe8aeec847173adbadd66eb7c53054bf2/tokenizers-0.23.3-cp310-abi3-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "68649e97d5b43c44c031d8d848874a6eecae8f8fe40ea989aa777a5a83aca716"
   end
 
@@ -372,7 +372,7 @@ class Mlxserve < Formula
   end
 
   resource "ujson" do
-    url "https://files.pythonhosted.org/packages/36/48/e8ce274450e7a9ac64f5fa4e6407695c62baf5b7909ff6aec72419adf680/ujson-6.1.0-cp312-cp312-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/36/48/e8ce274450e7a9ac64f5fa4e6407695c62baf5b7909ff6aec72419adf680/ujson-6.1.0-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "dd11ae29a61d0e2844937047eb14a970a790e76d306affc70d661446af4707f9"
   end
 
@@ -387,34 +387,30 @@ class Mlxserve < Formula
   end
 
   resource "uvloop" do
-    url "https://files.pythonhosted.org/packages/05/98/04e766a6de99e6f7f955ecb7829e8d5a557de3427cb85be2236de54dda0c/uvloop-0.23.0-cp312-cp312-macosx_10_13_universal2.whl"
+    url "https://files.pythonhosted.org/packages/05/98/04e766a6de99e6f7f955ecb7829e8d5a557de3427cb85be2236de54dda0c/uvloop-0.23.0-cp312-cp312-macosx_10_13_universal2.whl", using: :nounzip
     sha256 "93935ab27b6eaef4c3e5489aebc84284f0644592f7ab516df60ee1b27eaf5eb3"
   end
 
   resource "websockets" do
-    url "https://files.pythonhosted.org/packages/74/b6/cff249107473f149c6c916a49cba967379fa63b0a7d2dce6896d6848f0a3/websockets-17.4-cp312-cp312-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/74/b6/cff249107473f149c6c916a49cba967379fa63b0a7d2dce6896d6848f0a3/websockets-17.4-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "bcad49104711f88b2b7c3ba166de172857d837248205e541b044a552558fecc3"
   end
 
   resource "xxhash" do
-    url "https://files.pythonhosted.org/packages/fb/f8/80abe5afa45bea5f5a5c310d3084c7f3cf298e19a56f86046d3a3641beab/xxhash-4.1.0-cp312-cp312-macosx_11_0_arm64.whl"
+    url "https://files.pythonhosted.org/packages/fb/f8/80abe5afa45bea5f5a5c310d3084c7f3cf298e19a56f86046d3a3641beab/xxhash-4.1.0-cp312-cp312-macosx_11_0_arm64.whl", using: :nounzip
     sha256 "163e47667ae6449ddbcb58aff4b9a32e937473cdca927fe74e0685919b226d88"
   end
 
   def install
-    virtualenv_create(libexec, "python3.12")
-    # Most resources are wheels (MLX ships no sdist): install them as they are, offline.
-    files = resources.map do |r|
-      r.fetch
-      target = buildpath/"resources"/File.basename(r.url)
-      target.dirname.mkpath
-      cp r.cached_download, target
-      target
+    # MLX publishes wheels only. Homebrew installs a pure-Python wheel resource as the file it is; the
+    # platform wheels (fetched unpacked, :nounzip) are installed by path once the rest is in place.
+    platform_wheels = resources.select { |r| r.url.end_with?(".whl") && !r.url.end_with?("-none-any.whl") }
+    venv = virtualenv_install_with_resources(without: platform_wheels.map(&:name))
+    platform_wheels.each do |r|
+      r.stage { venv.pip_install Pathname.pwd/File.basename(r.url) }
     end
-    system libexec/"bin/python", "-m", "pip", "install", "--no-deps", "--no-index", "--no-compile", *files
-    system libexec/"bin/python", "-m", "pip", "install", "--no-deps", "--no-index",
-           "--no-build-isolation", buildpath
-    bin.install_symlink libexec/"bin/mlxserve"
+    # A tiny random-weight chat model (tests/fixtures/tiny_gguf.py), for `brew test` only.
+    pkgshare.install "Formula/tiny-chat.gguf"
   end
 
   def post_install
@@ -455,17 +451,22 @@ class Mlxserve < Formula
   end
 
   test do
+    # Imports the tiny GGUF, serves it, and answers a chat completion: the whole path on this Mac's GPU.
+    home = testpath/"home"
+    system bin/"mlxserve", "import", pkgshare/"tiny-chat.gguf", "--home", home, "--name", "tiny-chat"
     port = free_port
-    (testpath/"home/models").mkpath
-    pid = spawn bin/"mlxserve", "serve", "--home", testpath/"home", "--port", port.to_s, "--no-preload"
+    pid = spawn bin/"mlxserve", "serve", "--home", home, "--port", port.to_s, "--model", "tiny-chat"
     begin
+      request = '{"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}'
       output = ""
-      60.times do
+      120.times do
         sleep 1
-        output = Utils.popen_read("curl", "-s", "http://127.0.0.1:#{port}/v1/models")
-        break if output.include?("\"object\":\"list\"")
+        output = Utils.popen_read("curl", "-s", "http://127.0.0.1:#{port}/v1/chat/completions",
+                                  "-H", "Content-Type: application/json", "-d", request)
+        break if output.include?("chat.completion")
       end
-      assert_match "\"object\":\"list\"", output
+      assert_match "\"object\":\"chat.completion\"", output
+      assert_match "\"completion_tokens\":", output
     ensure
       Process.kill("TERM", pid)
       Process.wait(pid)

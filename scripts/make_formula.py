@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "Formula" / "resources.lock.json"
 FORMULA = ROOT / "Formula" / "mlxserve.rb"
+TEST_MODEL = ROOT / "Formula" / "tiny-chat.gguf"
 PYTHON = "3.12"
 MACOS = "14.0"
 HOMEPAGE = "https://github.com/mlxserve/mlxserve"
@@ -90,6 +91,10 @@ def lock(previous: dict) -> dict:
     return {"python": PYTHON, "macos": MACOS, "source": previous.get("source"), "resources": resources}
 
 
+def _is_platform_wheel(url: str) -> bool:
+    return url.endswith(".whl") and not url.endswith("-none-any.whl")
+
+
 def _resource_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -117,23 +122,21 @@ def render(locked: dict) -> str:
         "",
     ]
     for r in locked["resources"]:
-        lines += [f'  resource "{_resource_name(r["name"])}" do', f'    url "{r["url"]}"',
+        # A platform wheel is fetched as the file it is: Homebrew would unpack it, and pip installs only the file.
+        using = ", using: :nounzip" if _is_platform_wheel(r["url"]) else ""
+        lines += [f'  resource "{_resource_name(r["name"])}" do', f'    url "{r["url"]}"{using}',
                   f'    sha256 "{r["sha256"]}"', "  end", ""]
     lines += [
         "  def install",
-        f'    virtualenv_create(libexec, "python{locked["python"]}")',
-        "    # Most resources are wheels (MLX ships no sdist): install them as they are, offline.",
-        '    files = resources.map do |r|',
-        "      r.fetch",
-        '      target = buildpath/"resources"/File.basename(r.url)',
-        "      target.dirname.mkpath",
-        "      cp r.cached_download, target",
-        "      target",
+        "    # MLX publishes wheels only. Homebrew installs a pure-Python wheel resource as the file it is; the",
+        "    # platform wheels (fetched unpacked, :nounzip) are installed by path once the rest is in place.",
+        "    platform_wheels = resources.select { |r| r.url.end_with?(\".whl\") && !r.url.end_with?(\"-none-any.whl\") }",
+        "    venv = virtualenv_install_with_resources(without: platform_wheels.map(&:name))",
+        "    platform_wheels.each do |r|",
+        "      r.stage { venv.pip_install Pathname.pwd/File.basename(r.url) }",
         "    end",
-        '    system libexec/"bin/python", "-m", "pip", "install", "--no-deps", "--no-index", "--no-compile", *files',
-        '    system libexec/"bin/python", "-m", "pip", "install", "--no-deps", "--no-index",',
-        '           "--no-build-isolation", buildpath',
-        '    bin.install_symlink libexec/"bin/mlxserve"',
+        "    # A tiny random-weight chat model (tests/fixtures/tiny_gguf.py), for `brew test` only.",
+        f'    pkgshare.install "Formula/{TEST_MODEL.name}"',
         "  end",
         "",
         "  def post_install",
@@ -174,17 +177,22 @@ def render(locked: dict) -> str:
         "  end",
         "",
         "  test do",
+        "    # Imports the tiny GGUF, serves it, and answers a chat completion: the whole path on this Mac's GPU.",
+        '    home = testpath/"home"',
+        f'    system bin/"mlxserve", "import", pkgshare/"{TEST_MODEL.name}", "--home", home, "--name", "tiny-chat"',
         "    port = free_port",
-        '    (testpath/"home/models").mkpath',
-        '    pid = spawn bin/"mlxserve", "serve", "--home", testpath/"home", "--port", port.to_s, "--no-preload"',
+        '    pid = spawn bin/"mlxserve", "serve", "--home", home, "--port", port.to_s, "--model", "tiny-chat"',
         "    begin",
+        '      request = \'{"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}\'',
         '      output = ""',
-        "      60.times do",
+        "      120.times do",
         "        sleep 1",
-        '        output = Utils.popen_read("curl", "-s", "http://127.0.0.1:#{port}/v1/models")',
-        '        break if output.include?("\\"object\\":\\"list\\"")',
+        '        output = Utils.popen_read("curl", "-s", "http://127.0.0.1:#{port}/v1/chat/completions",',
+        '                                  "-H", "Content-Type: application/json", "-d", request)',
+        '        break if output.include?("chat.completion")',
         "      end",
-        '      assert_match "\\"object\\":\\"list\\"", output',
+        '      assert_match "\\"object\\":\\"chat.completion\\"", output',
+        '      assert_match "\\"completion_tokens\\":", output',
         "    ensure",
         '      Process.kill("TERM", pid)',
         "      Process.wait(pid)",

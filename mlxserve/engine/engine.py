@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from mlxserve.engine import wired
 from mlxserve.engine.logs import LogHub
 from mlxserve.engine.manager import ModelManager
 from mlxserve.engine.scheduler import Scheduler
@@ -76,6 +77,7 @@ class Engine:
                  allowed: frozenset[str] | None = None, prompt_cache_bytes: int = 0,
                  max_concurrent: int = 32, max_queue: int = 64, stall_seconds: float = 60):
         self.store = store
+        wired.set_process_limit(max_memory)
         self.manager = ModelManager(store, max_memory, default_ttl, allowed, prompt_cache_bytes=prompt_cache_bytes)
         self.logs = LogHub()
         self._scheduler = Scheduler(self.manager, self.logs, prompt_cache_bytes, max_concurrent)

@@ -23,6 +23,7 @@ import numpy as np
 from mlx_lm.generate import BatchGenerator, GenerationBatch
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
+from mlxserve.engine import wired
 from mlxserve.engine.channels import ChannelSplitter, Piece
 from mlxserve.engine.detokenize import IncrementalDetokenizer
 from mlxserve.engine.kinds.embed import EmbeddingModel
@@ -201,7 +202,7 @@ class _ModelRunner:
         self.prompt_cache = LRUPromptCache(PROMPT_CACHE_ENTRIES, cache_bytes) if cache_bytes > 0 else None
 
     def _new_generator(self) -> BatchGenerator:
-        return BatchGenerator(
+        generator = BatchGenerator(
             self.model.model,
             stop_tokens=[[t] for t in sorted(self.model.stop_token_ids)],
             prefill_step_size=PREFILL_STEP,
@@ -209,6 +210,8 @@ class _ModelRunner:
             prefill_batch_size=min(8, self.max_sequences),
             stream=mx.new_stream(mx.default_device()),
         )
+        wired.adopt(generator)
+        return generator
 
     @property
     def busy(self) -> bool:

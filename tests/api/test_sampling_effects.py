@@ -2,7 +2,10 @@
 
 import threading
 
+import pytest
+
 from tests.conftest import SMOLLM, TINY
+from tests.fixtures.device import BATCH_ORDER, ON_GPU
 from tests.fixtures.server import ServerProcess
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -63,12 +66,18 @@ def test_repetition_penalty_is_an_alias(default_client):
     assert a == b
 
 
-def test_same_seed_same_text_alone_streamed_and_under_load(default_client):
+def test_same_seed_same_text_alone_and_streamed(default_client):
     kwargs = dict(messages=STORY, temperature=1.0, max_tokens=12, seed=1234)
     alone = chat(default_client, **kwargs).choices[0].message.content
     streamed = "".join(c.choices[0].delta.content or "" for c in chat(default_client, stream=True, **kwargs)
                        if c.choices)
     assert streamed == alone
+
+
+@pytest.mark.skipif(ON_GPU, reason=BATCH_ORDER)
+def test_same_seed_same_text_alone_and_under_load(default_client):
+    kwargs = dict(messages=STORY, temperature=1.0, max_tokens=12, seed=1234)
+    alone = chat(default_client, **kwargs).choices[0].message.content
 
     results: dict[int, str] = {}
 
@@ -126,8 +135,9 @@ def test_greedy_logprob_equals_top_alternative(default_client):
     assert "".join(e.token for e in content) == r.choices[0].message.content
     for entry in content:
         assert len(entry.top_logprobs) == 3
-        assert entry.token == entry.top_logprobs[0].token
         assert entry.logprob == entry.top_logprobs[0].logprob
+        # an exact tie (common in half precision on a GPU) may list the other token first
+        assert entry.token == entry.top_logprobs[0].token or entry.logprob == entry.top_logprobs[1].logprob
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
         assert bytes(entry.bytes).decode() == entry.token
 

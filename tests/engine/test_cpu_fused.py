@@ -11,6 +11,15 @@ from mlxserve.engine import cpu_fused
 from mlxserve.engine.cpu_fused import FusedRMSNorm, FusedRoPE, fuse
 
 
+@pytest.fixture(autouse=True)
+def on_the_cpu():
+    """The fused layers serve the CPU path alone (engine/cpu.py), so they are compared there, on a Mac too."""
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(previous)
+
+
 def test_rms_norm_matches_mlx():
     norm = nn.RMSNorm(64, eps=1e-5)
     norm.weight = mx.random.normal((64,))
