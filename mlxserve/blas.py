@@ -22,10 +22,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mlxserve.cpus import usable_cpus
 
 _CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -38,26 +41,60 @@ _CANDIDATES = (
 
 loaded: str | None = None
 gemv_shim: Path | None = None  # the compiled shim, when it sits in front of OpenBLAS
+why_not: str = "OpenBLAS is not loaded yet"  # why there is no OpenBLAS, or no shim in front of it
 _shim: ctypes.CDLL | None = None
+_FLAGS = ["-O2", "-shared", "-fPIC"]
+
+
+@dataclass(frozen=True)
+class Compiler:
+    path: str
+    version: str  # its `--version` banner: a compiler upgrade builds the shim again
+
+
+def _compiler() -> Compiler | None:
+    found = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if found is None:
+        return None
+    try:
+        banner = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return Compiler(os.path.realpath(shutil.which(found) or found), banner.split("\n", 1)[0])
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (x86's /proc/cpuinfo): a cache in a home shared by other machines differs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def shim_key(source: bytes, compiler: Compiler, cpu_flags: str) -> str:
+    """What the compiled shim depends on: its source, the compiler, the flags and the CPU it ran on."""
+    parts = [source, compiler.path.encode(), compiler.version.encode(), " ".join(_FLAGS).encode(), cpu_flags.encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
 def _build_shim() -> Path | None:
-    """The shim, compiled once per source version into ~/.cache/mlxserve; None without a compiler."""
+    """The shim, compiled once per source, compiler and CPU into ~/.cache/mlxserve; None without a compiler."""
     source = Path(__file__).with_name("gemv_shim.c")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = _compiler()
     if not source.exists() or compiler is None:
         return None
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlxserve"
-    target = cache / f"gemv-shim-{digest}.so"
+    target = cache / f"gemv-shim-{shim_key(source.read_bytes(), compiler, _cpu_flags())}.so"
     if target.exists():
         return target
     try:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             built = Path(tmp) / target.name
-            subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(source), "-o", str(built), "-ldl",
-                            "-lpthread"],
+            subprocess.run([compiler.path, *_FLAGS, str(source), "-o", str(built), "-ldl", "-lpthread"],
                            check=True, capture_output=True, timeout=120)
             built.rename(target)
     except (OSError, subprocess.SubprocessError):
@@ -72,10 +109,19 @@ def preload_openblas() -> str | None:
     Returns the library's path, or None. `MLXSERVE_BLAS=off` turns it off; `MLXSERVE_BLAS=/path`
     names the library; `MLXSERVE_BLAS_SHIM=off` leaves the shim out.
     """
-    global loaded, gemv_shim, _shim
+    global loaded, gemv_shim, _shim, why_not
     choice = os.environ.get("MLXSERVE_BLAS", "auto")
-    if loaded or choice == "off" or not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
+    if loaded:
         return loaded
+    if choice == "off":
+        why_not = "MLXSERVE_BLAS=off"
+        return None
+    if not sys.platform.startswith("linux"):
+        why_not = "not Linux: MLX brings its own BLAS (Accelerate) on macOS"
+        return None
+    if "mlx.core" in sys.modules:
+        why_not = "MLX was imported before OpenBLAS could go under it"
+        return None
     found = ctypes.util.find_library("openblas")
     candidates = [choice] if choice != "auto" else [*_CANDIDATES, *([found] if found else [])]
     for path in candidates:
@@ -85,17 +131,23 @@ def preload_openblas() -> str | None:
             ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)  # loads at all? (then it is made global below)
         except OSError:
             continue
+        cpus = usable_cpus()
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", str(cpus))  # read when OpenBLAS loads
         # The shim goes first, so that MLX binds to its cblas_sgemm rather than OpenBLAS's.
-        shim_path = _build_shim() if os.environ.get("MLXSERVE_BLAS_SHIM", "on") != "off" else None
+        wanted = os.environ.get("MLXSERVE_BLAS_SHIM", "on") != "off"
+        shim_path = _build_shim() if wanted else None
         shim = ctypes.CDLL(str(shim_path), mode=ctypes.RTLD_GLOBAL) if shim_path else None
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         if shim is not None:
-            if shim.mlxserve_gemv_shim_init(path.encode()) != 0:
+            if shim.mlxserve_gemv_shim_init(path.encode(), cpus) != 0:
                 raise OSError(f"the gemv shim cannot find sgemm/sgemv in {path}; set MLXSERVE_BLAS_SHIM=off")
             shim.mlxserve_quantized_products.restype = ctypes.c_long
             gemv_shim, _shim = shim_path, shim
+        why_not = "" if shim is not None else ("MLXSERVE_BLAS_SHIM=off" if not wanted else
+                                               "no C compiler for the gemv shim (install gcc)")
         loaded = path
         return loaded
+    why_not = "no OpenBLAS found (install libopenblas0-pthread, or name it in MLXSERVE_BLAS)"
     return None
 
 
@@ -133,6 +185,11 @@ def unregister_quantized(dense: Any) -> None:
 def quantized_products() -> int:
     """How many products the shim has computed from quantized bytes in this process."""
     return 0 if _shim is None else _shim.mlxserve_quantized_products()
+
+
+def helper_threads() -> int:
+    """The shim's helper threads for quantized products (besides MLX's own CPU thread); 0 without a shim."""
+    return 0 if _shim is None else _shim.mlxserve_helper_threads()
 
 
 def registered() -> int:

@@ -14,7 +14,7 @@
  * The registry keys on W's address. Python keeps every registered W alive until it unregisters it
  * (mlxserve/engine/cpu.py), so an address in the registry always holds the matrix it was registered
  * with. Quantized products use up to 8 cores: the calling thread (MLX's CPU stream) and a helper thread
- * per other core split W's rows.
+ * per other CPU this process may use (its affinity and cgroup quota, given at init) split W's rows.
  */
 #include <dlfcn.h>
 #include <pthread.h>
@@ -37,9 +37,11 @@ typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const fl
 
 static sgemm_fn next_sgemm;
 static sgemv_fn next_sgemv;
+static int wanted_helpers;
 
-/* Returns 0 when `library` provides both functions. */
-int mlxserve_gemv_shim_init(const char *library) {
+/* Returns 0 when `library` provides both functions; `cpus` is how many CPUs the process may use. */
+int mlxserve_gemv_shim_init(const char *library, int cpus) {
+  wanted_helpers = cpus > 1 ? (cpus - 1 < MAX_HELPERS ? cpus - 1 : MAX_HELPERS) : 0;
   void *handle = dlopen(library, RTLD_NOW | RTLD_GLOBAL);
   if (!handle) return 1;
   next_sgemm = (sgemm_fn)dlsym(handle, "cblas_sgemm");
@@ -264,8 +266,7 @@ static void spawn_helpers(void) {
 #if defined(__x86_64__)
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) dot_row = dot_row_avx2;
 #endif
-  long cores = sysconf(_SC_NPROCESSORS_ONLN);
-  int wanted = cores > 1 ? (int)(cores - 1 < MAX_HELPERS ? cores - 1 : MAX_HELPERS) : 0;
+  int wanted = wanted_helpers;
   pthread_attr_t attr;
   pthread_attr_init(&attr);
   pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
@@ -278,6 +279,24 @@ static void spawn_helpers(void) {
 }
 
 static void start_helpers(void) { pthread_once(&helpers_once, spawn_helpers); }
+
+/* The helper threads quantized products use (started with the first product). */
+int mlxserve_helper_threads(void) { return wanted_helpers; }
+
+/* Each calling thread's scratch for the reordered inputs and their group sums, grown as needed: on the
+ * heap, since a prompt's rows times k floats can be far more than a thread's stack. */
+static __thread float *scratch;
+static __thread size_t scratch_floats;
+
+static float *scratch_for(size_t floats) {
+  if (floats > scratch_floats) {
+    float *grown = realloc(scratch, floats * sizeof(float));
+    if (!grown) return NULL;
+    scratch = grown;
+    scratch_floats = floats;
+  }
+  return scratch;
+}
 
 static void run_product(const Product *p) {
   /* Another caller holds the helpers (two MLX streams at once): do it alone. */
@@ -309,7 +328,12 @@ static int quantized_product(int trans_a, int m, int n, int k, float alpha, cons
     return 1;
   }
   int groups = k / w->group;
-  float x[m * k], xs[m * groups];
+  float *x = scratch_for((size_t)m * k + (size_t)m * groups);
+  if (!x) {
+    pthread_rwlock_unlock(&registry_lock);
+    return 1;
+  }
+  float *xs = x + (size_t)m * k;
   for (int i = 0; i < m; i++) {
     float *xi = x + (long)i * k;
     for (int j = 0; j < k; j++) {

@@ -237,6 +237,7 @@ class Health:
     max_queue: int
     loading: str | None = None  # the model being loaded, which is not a stall
     error: str | None = None  # why the engine thread stopped, once it has
+    compute: dict[str, Any] = field(default_factory=dict)  # engine/cpu.py's ComputePath: device, BLAS, shim
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,12 @@ import pytest
 
 from mlxserve import blas
 
+SHIM_READY = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which("cc") is None
+    or not any(Path(p).exists() for p in blas._CANDIDATES) or "off" in (os.environ.get("MLXSERVE_BLAS"),
+                                                                         os.environ.get("MLXSERVE_BLAS_SHIM")),
+    reason="the shim is for Linux with OpenBLAS and a C compiler, and on unless MLXSERVE_BLAS(_SHIM)=off")
+
 SCRIPT = textwrap.dedent("""
     import json, sys
     from mlxserve import blas
@@ -32,9 +38,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("cc") is None
-                    or not any(Path(p).exists() for p in blas._CANDIDATES),
-                    reason="the shim is for Linux with OpenBLAS and a C compiler")
+@SHIM_READY
 def test_the_shim_is_in_front_of_openblas_and_exact(tmp_path: Path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, check=True).stdout
@@ -80,9 +84,7 @@ QUANTIZED_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("cc") is None
-                    or not any(Path(p).exists() for p in blas._CANDIDATES),
-                    reason="the shim is for Linux with OpenBLAS and a C compiler")
+@SHIM_READY
 def test_decode_products_from_quantized_bytes_are_exact_until_the_model_goes(tmp_path: Path):
     """Layers dequantized from 4- and 8-bit weights multiply one or two rows from their quantized
     bytes (one product per call), the same as the float32 matrix; three rows go to BLAS; and when
@@ -97,3 +99,70 @@ def test_decode_products_from_quantized_bytes_are_exact_until_the_model_goes(tmp
         assert case["products"] == [1, 1, 1, 0], case
         assert max(case["errors"]) < 1e-5, case
         assert case["registered_after"] == 0, case
+
+
+def test_the_compiled_shim_is_kept_per_source_compiler_and_cpu():
+    """A home shared by machines, or a compiler upgrade, builds the shim again instead of loading a stale one."""
+    gcc12, gcc13 = blas.Compiler("/usr/bin/gcc", "gcc 12.2"), blas.Compiler("/usr/bin/gcc", "gcc 13.1")
+    keys = {blas.shim_key(b"source", gcc12, "avx2 fma"), blas.shim_key(b"source", gcc13, "avx2 fma"),
+            blas.shim_key(b"source", gcc12, "avx512f avx2 fma"), blas.shim_key(b"changed", gcc12, "avx2 fma")}
+    assert len(keys) == 4
+    assert blas.shim_key(b"source", gcc12, "avx2 fma") == blas.shim_key(b"source", gcc12, "avx2 fma")
+
+
+def _served_compute(home: Path, model: str, monkeypatch, **env: str) -> tuple[dict, int]:
+    """/health's compute path and the model's resident bytes, from a server started with `env`."""
+    from tests.fixtures.http import request
+    from tests.fixtures.server import ServerProcess
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    server = ServerProcess(home, [model], ["--prompt-cache", "0"])
+    try:
+        admin = server.base_url.removesuffix("/v1")
+        compute = request(admin + "/health").json()["compute"]
+        loaded = {m["id"]: m for m in request(admin + "/api/v0/ps").json()["data"]}
+        return compute, loaded[model]["memory_bytes"]
+    finally:
+        server.stop()
+
+
+@SHIM_READY
+def test_health_says_which_path_computes_and_that_it_passed_its_self_check(tiny_home: Path, monkeypatch):
+    compute, held = _served_compute(tiny_home, "tiny-llama", monkeypatch)
+    assert compute["device"] == "cpu" and compute["gemv_shim"] and compute["verified"] is True
+    assert "libopenblas" in compute["blas"] and "self-check passed" in compute["note"]
+
+
+@pytest.fixture(scope="module")
+def quantized_home(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model, 4-bit: the kind of model the CPU path would dequantize."""
+    import mlx.nn as nn
+    from mlx_lm import load
+    from mlx_lm.utils import save_model
+
+    home = tmp_path_factory.mktemp("quantized-home")
+    source, target = tiny_home / "models" / "tiny-llama", home / "models" / "tiny-q4"
+    model, _ = load(str(source))
+    nn.quantize(model, group_size=32, bits=4)
+    target.mkdir(parents=True)
+    save_model(target, model)
+    config = json.loads((source / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "quantization": {"group_size": 32, "bits": 4}}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, target / name)
+    return home
+
+
+@SHIM_READY
+def test_with_openblas_a_small_quantized_model_is_held_dense(quantized_home: Path, monkeypatch):
+    _, held = _served_compute(quantized_home, "tiny-q4", monkeypatch)
+    on_disk = sum(p.stat().st_size for p in (quantized_home / "models" / "tiny-q4").glob("*.safetensors"))
+    assert held > 4 * on_disk
+
+
+def test_without_openblas_no_dense_copies_are_built_and_health_says_why(quantized_home: Path, monkeypatch):
+    compute, held = _served_compute(quantized_home, "tiny-q4", monkeypatch, MLXSERVE_BLAS="off")
+    assert compute["blas"] is None and compute["verified"] is None and "MLXSERVE_BLAS=off" in compute["note"]
+    on_disk = sum(p.stat().st_size for p in (quantized_home / "models" / "tiny-q4").glob("*.safetensors"))
+    assert held <= 2 * on_disk  # float32 norms and scales at most: no dense float32 weights

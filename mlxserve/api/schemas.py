@@ -331,7 +331,8 @@ PARAMS: tuple[Param, ...] = (
           endpoints=frozenset({CHAT})),
     Param("seed", _integer(),
           "Same seed, prompt and parameters give the same output on the same machine, alone or "
-          "batched with other requests. Without it each request draws fresh randomness."),
+          "batched with other requests on the CPU (on a GPU, batched may part after a near tie: "
+          "[How sampling works](#how-sampling-works)). Without it each request draws fresh randomness."),
     Param("service_tier", _accepted({"type": "string"}), "Accepted; changes nothing.", endpoints=frozenset({CHAT})),
     Param("stop", _stop,
           f"A string or up to {MAX_STOP_STRINGS} strings; generation ends before the first one, "

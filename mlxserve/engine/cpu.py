@@ -22,6 +22,7 @@ On Apple silicon and CUDA nothing here runs: quantized weights stay on the GPU.
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from dataclasses import dataclass
@@ -45,6 +46,71 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+@dataclass(frozen=True)
+class ComputePath:
+    """How this process computes, for the startup log and /health."""
+
+    device: str  # "cpu" or "gpu"
+    blas: str | None  # the OpenBLAS library under MLX's CPU backend
+    gemv_shim: bool  # decode products from quantized bytes (mlxserve/gemv_shim.c)
+    verified: bool | None  # the self-check against numpy passed; None where there is nothing to check
+    note: str  # the same in words, or why a part is missing
+
+
+def _self_check() -> str | None:
+    """None when MLX's float32 product through OpenBLAS, and the shim's quantized one, match numpy's."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4, 96), dtype=np.float32)
+    b = rng.standard_normal((80, 96), dtype=np.float32)
+    product = np.array(mx.array(a) @ mx.array(b).T)
+    if not np.allclose(product, a.astype(np.float64) @ b.T.astype(np.float64), rtol=1e-4, atol=1e-4):
+        return "MLX's float32 product through OpenBLAS differs from numpy's"
+    if blas.gemv_shim is None:
+        return None
+    q, scales, biases = mx.quantize(mx.array(b), group_size=32, bits=4)
+    dense = mx.dequantize(q, scales, biases, group_size=32, bits=4)
+    mx.eval(dense)
+    source = [np.array(np.asarray(q).view(np.uint8)), np.array(scales.astype(mx.float32)),
+              np.array(biases.astype(mx.float32))]
+    before = blas.quantized_products()
+    if not blas.register_quantized(dense, *source, 32, 4):
+        return "the gemv shim refused a 4-bit weight"
+    try:
+        row = np.array(mx.array(a[:1]) @ dense.T)
+    finally:
+        blas.unregister_quantized(dense)
+    if blas.quantized_products() == before:
+        return "MLX's decode product did not reach the gemv shim"
+    if not np.allclose(row, a[:1].astype(np.float64) @ np.array(dense).T, rtol=1e-4, atol=1e-4):
+        return "the gemv shim's quantized product differs from numpy's"
+    return None
+
+
+@functools.cache
+def compute_path() -> ComputePath:
+    """Checked once per process: a path that fails its self-check builds no dense copies."""
+    if not on_cpu():
+        name = mx.device_info().get("device_name", "")
+        return ComputePath("gpu", None, False, None, f"MLX on the GPU ({name}): quantized weights stay quantized")
+    if blas.loaded is None:
+        return ComputePath("cpu", None, False, None,
+                           f"MLX's own CPU kernels, weights kept quantized ({blas.why_not})")
+    failure = _self_check()
+    shim = blas.gemv_shim is not None
+    if failure:
+        log.error("CPU self-check failed: %s; the float32 fast path is off", failure)
+        return ComputePath("cpu", blas.loaded, shim, False, f"self-check failed: {failure}")
+    parts = [f"OpenBLAS ({blas.loaded}) under MLX"]
+    parts.append(f"gemv shim with {blas.helper_threads() + 1} threads for decode products from quantized bytes"
+                 if shim else f"no gemv shim ({blas.why_not})")
+    return ComputePath("cpu", blas.loaded, shim, True, "; ".join(parts) + "; self-check passed")
+
+
+def dense_allowed() -> bool:
+    """Dense float32 copies pay only on the CPU with a working OpenBLAS under MLX."""
+    return on_cpu() and blas.loaded is not None and compute_path().verified is True
+
+
 # Bytes per element of safetensors dtypes.
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -65,6 +131,7 @@ def resident_bytes(tensors: dict[str, tuple[str, list[int]]], quantization: dict
     if not on_cpu():
         return sum(size(name) for name in tensors)
     quantized = {name.removesuffix(".scales") for name in tensors if name.endswith(".scales")}
+    dense_ok = dense_allowed()
     default_group = int((quantization or {}).get("group_size", 64))
     floats = dense = kept = 0
     for name, (dtype, shape) in tensors.items():
@@ -81,7 +148,7 @@ def resident_bytes(tensors: dict[str, tuple[str, list[int]]], quantization: dict
             kept += size(name)
         else:  # scales and biases, kept as float32
             kept += int(np.prod(shape, dtype=np.int64)) * 4
-    return floats + (dense + kept if dense <= MAX_DENSE_BYTES else kept)
+    return floats + (dense + kept if dense_ok and dense <= MAX_DENSE_BYTES else kept)
 
 
 def _dense_bytes(model: nn.Module) -> int:
@@ -207,7 +274,7 @@ def optimize_for_cpu(model: nn.Module) -> None:
     """Make `model` fast on the CPU device, in place; does nothing on a GPU."""
     if not on_cpu():
         return
-    if 0 < _dense_bytes(model) <= MAX_DENSE_BYTES:
+    if dense_allowed() and 0 < _dense_bytes(model) <= MAX_DENSE_BYTES:
         replacements = [(path, _dense(m)) for path, m in model.named_modules()
                         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
         model.update_modules(tree_unflatten(replacements))

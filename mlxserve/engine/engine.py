@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
+import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Any
 
+from mlxserve.cpus import usable_cpus
 from mlxserve.engine import wired
+from mlxserve.engine.cpu import compute_path
 from mlxserve.engine.logs import LogHub
 from mlxserve.engine.manager import ModelManager
 from mlxserve.engine.scheduler import Scheduler
@@ -34,6 +37,8 @@ from mlxserve.protocol import (
     Usage,
     WrongModelKindError,
 )
+
+log = logging.getLogger("mlxserve.engine")
 
 
 _KIND_LABELS = {"text": "a chat (text generation) model", "vision": "a vision-language chat model",
@@ -88,11 +93,12 @@ class Engine:
         self._ids = itertools.count()
         # Templating, tokenizing and decoding images: off the engine thread (its streams keep moving) and
         # off the event loop, in a pool of their own so that nothing else waits behind a big prompt.
-        self._prepare_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+        self._prepare_pool = ThreadPoolExecutor(max_workers=min(4, usable_cpus()),
                                                 thread_name_prefix="mlxserve-prepare")
 
     def start(self, preload: tuple[str, ...] = ()) -> None:
         """Start the engine thread and load `preload` before returning."""
+        log.info("compute: %s", compute_path().note)
         self._scheduler.start()
         for model_id in preload:
             self.store.path(model_id)
@@ -139,7 +145,8 @@ class Engine:
         return Health(healthy=stalled <= self.stall_seconds and failure is None, loop_stalled_seconds=stalled,
                       active_requests=self._active, queue_depth=max(0, self._active - self.max_concurrent),
                       max_concurrent=self.max_concurrent, max_queue=self.max_queue,
-                      loading=self.manager.loading, error=None if failure is None else repr(failure))
+                      loading=self.manager.loading, error=None if failure is None else repr(failure),
+                      compute=asdict(compute_path()))
 
     def _admit(self) -> None:
         """Count a new request in, or refuse it when every slot and every queue place is taken."""
