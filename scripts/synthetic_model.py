@@ -87,7 +87,8 @@ def build(size: str, home: Path, source: Path | None = None) -> tuple[Path, Path
     gguf_path, model_dir = folder / f"{size}.gguf", home / "models" / f"synthetic-{size}"
     if not gguf_path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        source = source or fetch_gguf("smollm2-135m-instruct", folder)
+        cached = folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        source = source or (cached if cached.is_file() else fetch_gguf("smollm2-135m-instruct", folder))
         partial = write_gguf(size, source, gguf_path.with_suffix(".partial"))
         partial.rename(gguf_path)
     if not (model_dir / "config.json").is_file():
