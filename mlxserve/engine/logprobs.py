@@ -8,6 +8,7 @@ from functools import lru_cache
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import _byte_decoder
 
+from mlxserve.engine.sampling import at_temperature
 from mlxserve.protocol import TokenLogprob, TopLogprob
 
 _SPM_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -16,9 +17,10 @@ _SPM_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 class LogprobReporter:
     """Reads logprobs for one model's tokenizer; `top` is how many alternatives to list."""
 
-    def __init__(self, tokenizer, top: int):
+    def __init__(self, tokenizer, top: int, temperature: float = 1.0):
         self._tokenizer = tokenizer
         self._top = top
+        self._temperature = temperature  # the sampler's: reported logprobs are what it drew from
         self._byte_decoder = _byte_decoder()
         self.token_bytes = lru_cache(maxsize=65536)(self._token_bytes)
 
@@ -37,7 +39,8 @@ class LogprobReporter:
         return TopLogprob(raw.decode("utf-8", errors="replace"), tuple(raw), logprob)
 
     def report(self, logprobs: mx.array, token_id: int) -> TokenLogprob:
-        """`logprobs`: the (vocab,) log-softmax of the logits the token was sampled from."""
+        """`logprobs`: the (vocab,) log-softmax of the processed logits, before the temperature."""
+        logprobs = at_temperature(logprobs, self._temperature)
         chosen = self._entry(token_id, logprobs[token_id].item())
         top: tuple[TopLogprob, ...] = ()
         if self._top:

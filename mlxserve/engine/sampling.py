@@ -12,15 +12,20 @@ is the one place that sets it, and the README documents it):
 6. `min_p`            drop tokens below min_p times the top probability
 7. `temperature`      divide by T (T = 0 is greedy, which skips this step)
 
-Then the sampler draws from softmax(logits) with the request's own random key,
-or takes the argmax at temperature 0. The log-softmax of the processed logits
-is therefore exactly the distribution sampled from, which is what logprobs report.
+The first six are the request's logits processor, which exists only when one of them
+would change something. The temperature lives in the sampler (`make_sampler`), which
+draws from softmax(logits / T) with the request's own random key, or takes the argmax
+at temperature 0: so a request that sets nothing but a temperature runs no processor of
+its own, and shares its sampler with every other unseeded request at that temperature.
+Logprobs report log_softmax(logits / T) (`at_temperature`), exactly the distribution
+sampled from.
 
 Every function takes and returns logits of shape (1, vocab).
 """
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Callable
 
@@ -99,9 +104,15 @@ def apply_temperature(logits: mx.array, temperature: float) -> mx.array:
     return logits / temperature
 
 
-def make_logits_processor(
-    params: SamplingParams, prompt_length: int, temperature: float
-) -> LogitsProcessor | None:
+def at_temperature(logprobs: mx.array, temperature: float) -> mx.array:
+    """The log-softmax of `logprobs / temperature`: what a sampler at that temperature draws from."""
+    if temperature in (0.0, 1.0):
+        return logprobs
+    scaled = logprobs / temperature
+    return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+
+
+def make_logits_processor(params: SamplingParams, prompt_length: int) -> LogitsProcessor | None:
     """The whole chain for one request, as one (context, logits) -> logits function.
 
     `context` holds the prompt followed by the tokens generated so far, as
@@ -111,7 +122,7 @@ def make_logits_processor(
     """
     if not (params.logit_bias or (params.repeat_penalty != 1.0 and params.repeat_last_n != 0)
             or params.presence_penalty or params.frequency_penalty or params.top_k > 0
-            or params.top_p < 1.0 or params.min_p > 0.0 or temperature not in (0.0, 1.0)):
+            or params.top_p < 1.0 or params.min_p > 0.0):
         return None
     bias_ids = mx.array(list(params.logit_bias.keys()), dtype=mx.int32)
     bias_values = mx.array(list(params.logit_bias.values()), dtype=mx.float32)
@@ -128,8 +139,7 @@ def make_logits_processor(
             )
         logits = apply_top_k(logits, params.top_k)
         logits = apply_top_p(logits, params.top_p)
-        logits = apply_min_p(logits, params.min_p)
-        return apply_temperature(logits, temperature)
+        return apply_min_p(logits, params.min_p)
 
     return process
 
@@ -138,35 +148,39 @@ def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
-def _categorical(key: mx.array) -> Sampler:
+def _categorical(key: mx.array, temperature: float) -> Sampler:
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
         key, step_key = mx.random.split(key)
-        return mx.random.categorical(logprobs, key=step_key)
+        return mx.random.categorical(apply_temperature(logprobs, temperature), key=step_key)
 
     return sample
 
 
-# One sampler for every request without a seed: its draws need no identity of their own.
-unseeded: Sampler = _categorical(mx.random.key(secrets.randbits(63)))
+@functools.lru_cache(maxsize=64)  # bounded: a client may send any number of distinct temperatures
+def _unseeded(temperature: float) -> Sampler:
+    """One sampler for every request at this temperature without a seed: its draws need no identity."""
+    sample = _categorical(mx.random.key(secrets.randbits(63)), temperature)
+    sample.shared = True
+    return sample
 
 
 def make_sampler(temperature: float, seed: int | None) -> Sampler:
-    """Argmax at temperature 0; otherwise a categorical draw (temperature is applied by the processor).
+    """Argmax at temperature 0; otherwise a categorical draw at `temperature`.
 
-    Requests without a seed, and greedy ones, share one sampler object each: mlx-lm's batch generator
-    samples a batch whose sequences share a sampler in one call instead of one per sequence. A seeded
-    request has its own key, split once per step, so the same seed gives the same tokens no matter
-    what else runs in the batch.
+    Greedy requests share one sampler object, and unseeded ones one per temperature: mlx-lm's batch
+    generator samples the sequences that share a sampler in one call instead of one per sequence. A
+    seeded request has its own key, split once per step, so the same seed gives the same tokens no
+    matter what else runs in the batch.
     """
     if temperature == 0.0:
         return greedy
     if seed is None:
-        return unseeded
+        return _unseeded(float(temperature))
     # Any 64-bit seed, negative ones too (and `seed + i` past the top), maps to one key of its own.
-    return _categorical(mx.random.key(seed % 2**64))
+    return _categorical(mx.random.key(seed % 2**64), temperature)
 
 
 def is_shared(sampler: Sampler) -> bool:
     """A sampler many sequences use at once: it cannot fail for one of them alone."""
-    return sampler is greedy or sampler is unseeded
+    return sampler is greedy or getattr(sampler, "shared", False)

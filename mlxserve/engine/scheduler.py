@@ -241,7 +241,7 @@ class _ModelRunner:
         temperature = model.default_temperature if req.sampling.temperature is None else req.sampling.temperature
         active.prompt_tokens = len(tokens)
         active.open_choices = req.n
-        reporter = None if req.logprobs is None else LogprobReporter(model.tokenizer, req.logprobs)
+        reporter = None if req.logprobs is None else LogprobReporter(model.tokenizer, req.logprobs, temperature)
         plan = encoded.output
         splits = plan is not None and plan.splits
         choices = [
@@ -270,7 +270,7 @@ class _ModelRunner:
             # the choices would grow once per choice (the penalties and the grammar read it).
             prompts, history = [list(rest) for _ in choices], [tokens[: active.cached_tokens] for _ in choices]
             caches = None if cache is None else [cache] + [copy.deepcopy(cache) for _ in range(req.n - 1)]
-        processor = make_logits_processor(req.sampling, len(tokens), temperature)
+        processor = make_logits_processor(req.sampling, len(tokens))
         uids = self.generator.insert(
             prompts,
             max_tokens=[max_tokens] * req.n,
@@ -279,8 +279,8 @@ class _ModelRunner:
             samplers=[sampler if is_shared(sampler := make_sampler(temperature, s)) else _guarded(c, sampler, greedy)
                       for c, s in zip(choices, seeds)],
             logits_processors=[
-                # The grammar's mask comes first: penalties, truncation and temperature then act on the
-                # tokens it allows, and logprobs report the distribution actually sampled from.
+                # The grammar's mask comes first: penalties and truncation then act on the tokens it
+                # allows, and the sampler's temperature on what they leave.
                 [_guarded(c, f, _unchanged) for f in ([constraints[i]] if constraints else []) + [processor] if f]
                 for i, c in enumerate(choices)],
         )

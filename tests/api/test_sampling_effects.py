@@ -159,3 +159,16 @@ def test_the_penalties_of_n_choices_count_only_their_own_output(tiny_client):
     many = tiny_client.completions.create(n=3, seed=40, **ask)
     for i, choice in enumerate(many.choices):
         assert choice.text == tiny_client.completions.create(seed=40 + i, **ask).choices[0].text
+
+
+def test_reported_logprobs_are_at_the_requests_temperature(tiny_client):
+    """The sampler applies the temperature, and logprobs report what it drew from: at T = 0.5 the gap
+    between two alternatives is twice their gap at T = 1."""
+    def first_alternatives(temperature: float) -> dict[str, float]:
+        reply = tiny_client.chat.completions.create(
+            model=TINY, messages=STORY, max_tokens=1, temperature=temperature, seed=5, logprobs=True, top_logprobs=5)
+        return {alt.token: alt.logprob for alt in reply.choices[0].logprobs.content[0].top_logprobs}
+
+    plain, sharp = first_alternatives(1.0), first_alternatives(0.5)
+    a, b = sorted(plain, key=plain.get, reverse=True)[:2]
+    assert sharp[a] - sharp[b] == pytest.approx(2 * (plain[a] - plain[b]), rel=1e-3, abs=1e-4)

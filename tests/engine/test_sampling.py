@@ -75,14 +75,14 @@ def test_temperature_divides_logits():
 
 def test_chain_counts_penalties_over_generated_tokens_only():
     params = SamplingParams(presence_penalty=1.0)
-    process = make_logits_processor(params, prompt_length=2, temperature=1.0)
+    process = make_logits_processor(params, prompt_length=2)
     context = mx.array([0, 1, 2])  # prompt [0, 1], generated [2]
     assert as_list(process(context, logits(5, 5, 5))) == [5, 5, 4]
 
 
 def test_repeat_penalty_window_covers_prompt_and_output():
     params = SamplingParams(repeat_penalty=2.0, repeat_last_n=2)
-    process = make_logits_processor(params, prompt_length=2, temperature=1.0)
+    process = make_logits_processor(params, prompt_length=2)
     assert as_list(process(mx.array([0, 1, 2]), logits(4, 4, 4))) == [4, 2, 2]
 
 
@@ -106,7 +106,21 @@ def test_greedy_and_unseeded_requests_share_one_sampler_so_a_batch_samples_in_on
     from mlxserve.engine.sampling import is_shared, make_sampler
 
     assert make_sampler(0.0, None) is make_sampler(0.0, 7)
-    assert make_sampler(0.7, None) is make_sampler(1.3, None)
+    assert make_sampler(0.7, None) is make_sampler(0.7, None)
+    assert make_sampler(0.7, None) is not make_sampler(1.3, None)
     assert is_shared(make_sampler(0.0, None)) and is_shared(make_sampler(0.7, None))
     seeded = make_sampler(0.7, 1)
     assert seeded is not make_sampler(0.7, 1) and not is_shared(seeded)
+
+
+def test_a_request_that_sets_only_a_temperature_runs_no_processor_of_its_own():
+    assert make_logits_processor(SamplingParams(temperature=0.7), prompt_length=2) is None
+
+
+@pytest.mark.parametrize("temperature, expected", [(1.0, 0.731), (0.5, 0.881), (2.0, 0.622)])
+def test_the_sampler_draws_at_its_temperature(temperature: float, expected: float):
+    """Two tokens one logit apart: P(second) = sigmoid(1 / T)."""
+    logits = mx.broadcast_to(mx.array([[0.0, 1.0]]), (20000, 2))
+    rows = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    share = make_sampler(temperature, 3)(rows).astype(mx.float32).mean().item()
+    assert abs(share - expected) < 0.015
