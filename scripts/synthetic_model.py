@@ -99,7 +99,8 @@ def build(size: str, home: Path, source: Path | None = None) -> tuple[Path, Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("size", choices=sorted(SHAPES))
-    parser.add_argument("home", type=Path, help="mlxserve home: the GGUF goes to HOME/synthetic, the model to HOME/models")
+    parser.add_argument("home", type=Path,
+                        help="mlxserve home: the GGUF goes to HOME/synthetic, the model to HOME/models")
     parser.add_argument("--source", type=Path, help="SmolLM2's GGUF (default: from the built-in model's wheel)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -70,10 +70,9 @@ def _self_check() -> str | None:
     q, scales, biases = mx.quantize(mx.array(b), group_size=32, bits=4)
     dense = mx.dequantize(q, scales, biases, group_size=32, bits=4)
     mx.eval(dense)
-    source = [np.array(np.asarray(q).view(np.uint8)), np.array(scales.astype(mx.float32)),
-              np.array(biases.astype(mx.float32))]
+    source = QuantizedSource.of(q, scales, biases, 32, 4)  # held until unregistered: the shim reads it
     before = blas.quantized_products()
-    if not blas.register_quantized(dense, *source, 32, 4):
+    if not source.register(dense):
         return "the gemv shim refused a 4-bit weight"
     try:
         row = np.array(mx.array(a[:1]) @ dense.T)
@@ -206,16 +205,23 @@ class QuantizedSource:
     group_size: int
     bits: int
 
+    @classmethod
+    def of(cls, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> QuantizedSource:
+        """Copies of MLX's quantized arrays, in the layout and dtypes the shim reads."""
+        return cls(q=np.array(np.asarray(weight).view(np.uint8)), scales=np.array(scales.astype(mx.float32)),
+                   biases=np.array(biases.astype(mx.float32)), group_size=group_size, bits=bits)
+
+    def register(self, dense: mx.array) -> bool:
+        """Have the shim compute products by `dense` from these bytes; False when it cannot take them."""
+        return blas.register_quantized(dense, self.q, self.scales, self.biases, self.group_size, self.bits)
+
 
 def _quantized_source(module: nn.Module) -> QuantizedSource | None:
     """What the shim needs to compute `module`'s products from its quantized bytes, if it can."""
     if (blas.gemv_shim is None or getattr(module, "mode", "affine") != "affine" or module.bits not in (4, 8)
             or module.group_size % 32):
         return None
-    return QuantizedSource(
-        q=np.array(np.asarray(module.weight).view(np.uint8)),
-        scales=np.array(module.scales.astype(mx.float32)), biases=np.array(module.biases.astype(mx.float32)),
-        group_size=module.group_size, bits=module.bits)
+    return QuantizedSource.of(module.weight, module.scales, module.biases, module.group_size, module.bits)
 
 
 def _dense(module: nn.Module) -> nn.Module:
@@ -259,8 +265,7 @@ def _register_quantized(model: nn.Module) -> None:
         source = getattr(module, "quantized_source", None)
         if source is None:
             continue
-        if blas.register_quantized(module.weight, source.q, source.scales, source.biases, source.group_size,
-                                   source.bits):
+        if source.register(module.weight):
             weights.append(module.weight)
             sources.append(source)
         else:
