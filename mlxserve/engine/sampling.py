@@ -51,7 +51,12 @@ def apply_repeat_penalty(logits: mx.array, window: mx.array, penalty: float) -> 
     if window.size == 0:
         return logits
     recent = mx.zeros((logits.shape[-1],), dtype=mx.bool_).at[window].maximum(True)[None, :]
+    # A penalty near 0 must not round to 0 in the logits' dtype (a masked -inf times 0 is NaN), and what it
+    # divides must stay finite (an infinite logit makes the softmax NaN): both would draw past the grammar.
+    # Below 1e-4 (a normal number even in float16) a penalty changes nothing more a user could see.
+    penalty = max(penalty, 1e-4)
     penalised = mx.where(logits > 0, logits / penalty, logits * penalty)
+    penalised = mx.minimum(penalised, mx.finfo(logits.dtype).max)
     return mx.where(recent, penalised, logits)
 
 
@@ -152,7 +157,9 @@ def _categorical(key: mx.array, temperature: float) -> Sampler:
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
         key, step_key = mx.random.split(key)
-        return mx.random.categorical(apply_temperature(logprobs, temperature), key=step_key)
+        # From the top logprob down (the top at exactly 0), so a tiny temperature still leaves one token finite.
+        top = mx.max(logprobs, axis=-1, keepdims=True)
+        return mx.random.categorical(apply_temperature(logprobs - top, temperature), key=step_key)
 
     return sample
 

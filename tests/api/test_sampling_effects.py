@@ -172,3 +172,13 @@ def test_reported_logprobs_are_at_the_requests_temperature(tiny_client):
     plain, sharp = first_alternatives(1.0), first_alternatives(0.5)
     a, b = sorted(plain, key=plain.get, reverse=True)[:2]
     assert sharp[a] - sharp[b] == pytest.approx(2 * (plain[a] - plain[b]), rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.parametrize("sampling", [{"repeat_penalty": 4.9e-89, "temperature": 1.0},
+                                      {"temperature": 1e-40}], ids=["tiny-repeat-penalty", "tiny-temperature"])
+def test_extreme_valid_sampling_values_keep_the_grammar_and_answer(tiny_client, sampling):
+    """A penalty near 0 made positive logits infinite (NaN after the softmax), and a temperature near 0 made every
+    logprob -inf: the draw then ignored the grammar's mask and the request ended in a 500 (schemathesis)."""
+    reply = tiny_client.completions.create(model=TINY, prompt="the cat", max_tokens=8, seed=3,
+                                           extra_body={"response_format": {"type": "json_object"}, **sampling})
+    assert reply.choices[0].text.startswith("{")
