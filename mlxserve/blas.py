@@ -6,9 +6,10 @@ the dynamic linker resolve those symbols to OpenBLAS instead, which makes
 float32 matrix products about 10-20x faster on x86 (see scripts/bench.py).
 
 Ahead of OpenBLAS goes a small shim (gemv_shim.c, compiled once with the system C
-compiler into the user's cache) whose cblas_sgemm takes over one- and two-row products, the
-decode steps: from the quantized bytes of weights registered with `register_quantized`,
-else through sgemv. Without a C compiler, engine/cpu.py sends them to numpy's gemv.
+compiler into the user's cache) whose cblas_sgemm takes over every product by a weight
+registered with `register_quantized`, computing it from the quantized bytes, and the one- and
+two-row products by other matrices (through sgemv, faster there than OpenBLAS's sgemm).
+Without a C compiler there is no shim, and engine/cpu.py keeps quantized layers MLX's own.
 This module must not import MLX; `cli.main` calls it first thing.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import mmap
 import os
 import shutil
 import subprocess
@@ -43,7 +45,8 @@ loaded: str | None = None
 gemv_shim: Path | None = None  # the compiled shim, when it sits in front of OpenBLAS
 why_not: str = "OpenBLAS is not loaded yet"  # why there is no OpenBLAS, or no shim in front of it
 _shim: ctypes.CDLL | None = None
-_FLAGS = ["-O2", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-shared", "-fPIC"]
+_NATIVE = ["-march=native"]  # the shim is built on the machine it runs on (shim_key has its CPU flags)
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,8 @@ def _cpu_flags() -> str:
 
 def shim_key(source: bytes, compiler: Compiler, cpu_flags: str) -> str:
     """What the compiled shim depends on: its source, the compiler, the flags and the CPU it ran on."""
-    parts = [source, compiler.path.encode(), compiler.version.encode(), " ".join(_FLAGS).encode(), cpu_flags.encode()]
+    flags = " ".join(_FLAGS + _NATIVE).encode()
+    parts = [source, compiler.path.encode(), compiler.version.encode(), flags, cpu_flags.encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
@@ -94,8 +98,11 @@ def _build_shim() -> Path | None:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             built = Path(tmp) / target.name
-            subprocess.run([compiler.path, *_FLAGS, str(source), "-o", str(built), "-ldl", "-lpthread"],
-                           check=True, capture_output=True, timeout=120)
+            command = [compiler.path, *_FLAGS, str(source), "-o", str(built), "-ldl", "-lpthread", "-lm"]
+            try:
+                subprocess.run(command[:1] + _NATIVE + command[1:], check=True, capture_output=True, timeout=120)
+            except subprocess.CalledProcessError:  # a compiler without -march=native: portable code
+                subprocess.run(command, check=True, capture_output=True, timeout=120)
             built.rename(target)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -159,14 +166,30 @@ def _address(array: Any) -> int:
     return view.ctypes.data
 
 
+_MADV_DONTNEED = 4  # Linux's value on every architecture MLX runs on
+
+
+def release_pages(array: Any) -> None:
+    """Hand the kernel back the whole pages of a buffer nothing will read (a placeholder): it stays
+    allocated, reads as zeros if ever read, and holds no memory."""
+    view = np.asarray(array)
+    start, end = view.ctypes.data, view.ctypes.data + view.nbytes
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        if libc.madvise(first, last - first, _MADV_DONTNEED) != 0:
+            raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed on a placeholder's pages")
+
+
 def register_quantized(dense: Any, q: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int,
                        bits: int) -> bool:
-    """Have the shim compute decode products by the float32 matrix `dense` from its quantized bytes.
+    """Have the shim compute every product by the float32 matrix `dense` from quantized bytes.
 
     `q` (uint8, `bits` per element, 4-bit pairs low nibble first), `scales` and `biases` (float32, one
-    per group of `group_size` along a row) must be what `dense` was dequantized from. The caller keeps
-    `dense` and the three arrays alive until `unregister_quantized(dense)`. False when there is no
-    shim or it cannot take this shape.
+    per group of `group_size` along a row) are the weights; `dense` only stands for them (its contents
+    are never read). The caller keeps `dense` and the three arrays alive until
+    `unregister_quantized(dense)`. False when there is no shim or it cannot take this shape.
     """
     if _shim is None:
         return False

@@ -1,22 +1,24 @@
-/* Decode-step matrix products for MLX's CPU backend (see mlxserve/blas.py).
+/* Matrix products for MLX's CPU backend from quantized weights (see mlxserve/blas.py).
  *
- * MLX computes a decode step's x @ W.T with cblas_sgemm on a float32 W. Loaded ahead of OpenBLAS with
+ * MLX computes a layer's x @ W.T with cblas_sgemm on a float32 W. Loaded ahead of OpenBLAS with
  * RTLD_GLOBAL, this cblas_sgemm is the one MLX binds to; mlxserve_gemv_shim_init() points it at the
- * OpenBLAS library. For one- and two-row products it does better than OpenBLAS's sgemm, which reads the
- * weights at about a quarter of the speed of its sgemv:
+ * OpenBLAS library. It takes over:
  *
- *  - W registered with mlxserve_register_quantized(): W is the dequantized copy of 4- or 8-bit affine
- *    weights (MLX's layout: w = scale * q + bias per group along a row), and the product is computed
- *    from those quantized bytes, the same sum in a different order. A decode step is bound by memory
- *    bandwidth, and the quantized bytes are 3-5x fewer than float32's.
- *  - otherwise: OpenBLAS's sgemv, row by row.
+ *  - every product by a W registered with mlxserve_register_quantized(), any number of rows: W stands
+ *    for 4- or 8-bit affine weights (MLX's layout: w = scale * q + bias per group along a row), and the
+ *    product is computed from those bytes (W itself is a placeholder whose contents are never read;
+ *    mlxserve/engine/cpu.py hands its pages back to the kernel).
+ *  - one- and two-row products by any other W: OpenBLAS's sgemv, row by row, which reads the weights
+ *    about four times as fast as its sgemm does for so few rows.
  *
  * The registry keys on W's address. Python keeps every registered W alive until it unregisters it
  * (mlxserve/engine/cpu.py), so an address in the registry always holds the matrix it was registered
  * with. Quantized products use up to 8 cores: the calling thread (MLX's CPU stream) and a helper thread
  * per other CPU this process may use (its affinity and cgroup quota, given at init) split W's rows.
+ * It is compiled with -march=native on the machine it runs on (the cache key has the CPU's flags).
  */
 #include <dlfcn.h>
+#include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -24,7 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#if defined(__x86_64__)
+#if defined(__AVX2__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 
@@ -126,103 +128,178 @@ static atomic_long quantized_products;
 /* How many products the registry has served: lets tests and benchmarks see that it is in use. */
 long mlxserve_quantized_products(void) { return atomic_load(&quantized_products); }
 
-/* ---- quantized matrix-vector products ---- */
+/* ---- quantized products ----
+ *
+ * Every product by a registered W is computed the same way, whatever the number of rows: W's rows are
+ * dequantized, a tile of them at a time, into float32 (w = fma(q, scale, bias)), and each output is one
+ * eight-lane fused multiply-add chain along k (lane j sums the elements j, j + 8, j + 16, ...), then the
+ * eight lanes are added in a fixed order. An input row gets bit-for-bit the same outputs alone (a decode
+ * step) as among others (a batch, a prompt), so a seeded request samples the same tokens either way.
+ * The tile is dequantized once for all rows: a prompt's rows share it, as a blocked sgemm shares a panel.
+ */
 
 typedef struct {
   const QWeight *w;
-  int m;            /* input rows, at most GEMV_MAX_ROWS */
-  const float *x;   /* m rows of k: for 4-bit, each run of 32 is reordered even elements first */
-  const float *xs;  /* m rows of k / group: the sums of x over each group */
+  int m;           /* input rows */
+  const float *x;  /* m rows of k, `ldx` apart */
+  int ldx;
   float *y;
   int ldy;
   float alpha, beta; /* y = alpha * (W x) + beta * y, as sgemm */
 } Product;
 
-static float dot_row_scalar(const QWeight *w, int r, const float *x, const float *xs) {
-  int groups = w->k / w->group;
-  const float *s = w->scales + (long)r * groups, *b = w->biases + (long)r * groups;
-  float total = 0.f;
-  if (w->bits == 4) {
-    const uint8_t *q = w->q + (long)r * (w->k / 2);
-    for (int g = 0; g < groups; g++) {
-      float part = 0.f;
-      for (int c = g * w->group; c < (g + 1) * w->group; c += 32)
-        for (int j = 0; j < 16; j++)
-          part += (q[c / 2 + j] & 15) * x[c + j] + (q[c / 2 + j] >> 4) * x[c + 16 + j];
-      total += s[g] * part + b[g] * xs[g];
-    }
-  } else {
-    const uint8_t *q = w->q + (long)r * w->k;
-    for (int g = 0; g < groups; g++) {
-      float part = 0.f;
-      for (int c = g * w->group; c < (g + 1) * w->group; c++) part += q[c] * x[c];
-      total += s[g] * part + b[g] * xs[g];
-    }
-  }
-  return total;
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) {
+  v8 v;
+  memcpy(&v, p, sizeof v);
+  return v;
 }
 
-#if defined(__x86_64__)
-__attribute__((target("avx2,fma"))) static float hsum(__m256 v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_hadd_ps(h, h);
-  return _mm_cvtss_f32(_mm_hadd_ps(h, h));
-}
+static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
-__attribute__((target("avx2,fma"))) static __m256 widen(__m128i bytes) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-}
+static inline v8 splat8(float f) { return (v8){f, f, f, f, f, f, f, f}; }
 
-/* Prefetching ahead matters: without it one core reads the rows at a third of the speed. */
-__attribute__((target("avx2,fma"))) static float dot_row_avx2(const QWeight *w, int r, const float *x,
-                                                              const float *xs) {
-  int groups = w->k / w->group;
-  const float *s = w->scales + (long)r * groups, *b = w->biases + (long)r * groups;
-  const uint8_t *q = w->q + (long)r * (w->k * w->bits / 8);
-  const __m128i low = _mm_set1_epi8(0x0F);
-  __m256 acc = _mm256_setzero_ps();
-  float bias = 0.f;
-  _mm_prefetch((const char *)(s + 4 * groups), _MM_HINT_T0);
-  _mm_prefetch((const char *)(b + 4 * groups), _MM_HINT_T0);
-  for (int g = 0; g < groups; g++) {
-    __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
-    for (int c = g * w->group; c < (g + 1) * w->group; c += 32) {
-      const float *xc = x + c;
-      __m128i a, z;
-      if (w->bits == 4) {
-        const uint8_t *qc = q + c / 2;
-        _mm_prefetch((const char *)qc + 1024, _MM_HINT_T0);
-        __m128i v = _mm_loadu_si128((const __m128i *)qc);
-        a = _mm_and_si128(v, low);
-        z = _mm_and_si128(_mm_srli_epi16(v, 4), low);
-      } else {
-        const uint8_t *qc = q + c;
-        _mm_prefetch((const char *)qc + 2048, _MM_HINT_T0);
-        a = _mm_loadu_si128((const __m128i *)qc);
-        z = _mm_loadu_si128((const __m128i *)(qc + 16));
-      }
-      p0 = _mm256_fmadd_ps(widen(a), _mm256_loadu_ps(xc), p0);
-      p1 = _mm256_fmadd_ps(widen(_mm_srli_si128(a, 8)), _mm256_loadu_ps(xc + 8), p1);
-      p2 = _mm256_fmadd_ps(widen(z), _mm256_loadu_ps(xc + 16), p2);
-      p3 = _mm256_fmadd_ps(widen(_mm_srli_si128(z, 8)), _mm256_loadu_ps(xc + 24), p3);
-    }
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), _mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3)), acc);
-    bias += b[g] * xs[g];
-  }
-  return hsum(acc) + bias;
-}
+static inline v8 fma8(v8 a, v8 b, v8 c) {
+#if defined(__FMA__)
+  return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  v8 r;
+  for (int i = 0; i < 8; i++) r[i] = fmaf(a[i], b[i], c[i]);
+  return r;
 #endif
+}
 
-static float (*dot_row)(const QWeight *, int, const float *, const float *) = dot_row_scalar;
+static inline float sum8(v8 v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
+
+/* Eight quantized values, already one per byte, as floats. */
+static inline v8 widen8(const uint8_t *b) {
+#if defined(__AVX2__)
+  return (v8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b)));
+#else
+  return (v8){b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]};
+#endif
+}
+
+/* W's rows r .. r + count - 1 as float32, row after row, in their own order. */
+static void dequantize(const QWeight *w, int r, int count, float *tile) {
+  int k = w->k, groups = k / w->group;
+  for (int row = r; row < r + count; row++, tile += k) {
+    const float *s = w->scales + (long)row * groups, *b = w->biases + (long)row * groups;
+    const uint8_t *q = w->q + (long)row * (k * w->bits / 8);
+    for (int g = 0; g < groups; g++) {
+      v8 scale = splat8(s[g]), bias = splat8(b[g]);
+      for (int c = g * w->group; c < (g + 1) * w->group; c += 32) {
+        uint8_t bytes[32]; /* the 32 values of elements c .. c + 31, one per byte */
+        if (w->bits == 4) {
+          const uint8_t *qc = q + c / 2;
+#if defined(__AVX2__)
+          _mm_prefetch((const char *)qc + 1024, _MM_HINT_T0);
+          const __m128i low = _mm_set1_epi8(0x0F), v = _mm_loadu_si128((const __m128i *)qc);
+          const __m128i a = _mm_and_si128(v, low), z = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+          _mm_storeu_si128((__m128i *)bytes, _mm_unpacklo_epi8(a, z));
+          _mm_storeu_si128((__m128i *)(bytes + 16), _mm_unpackhi_epi8(a, z));
+#else
+          for (int j = 0; j < 16; j++) {
+            bytes[2 * j] = qc[j] & 15;
+            bytes[2 * j + 1] = qc[j] >> 4;
+          }
+#endif
+        } else {
+          memcpy(bytes, q + c, 32);
+        }
+        for (int j = 0; j < 32; j += 8) store8(tile + c + j, fma8(widen8(bytes + j), scale, bias));
+      }
+    }
+  }
+}
+
+static inline float output(float dot, const Product *p, const float *y) {
+  return p->beta == 0.f ? p->alpha * dot : p->alpha * dot + p->beta * *y; /* beta 0 ignores y, NaN included */
+}
+
+/* Rows i .. i + rows - 1 of x by tile rows t .. t + cols - 1: every (row, col) is its own chain, so how
+ * rows and columns are grouped here never changes a sum; the grouping only gives the core enough
+ * independent chains (and few enough loads per multiply-add) to keep its FMA units busy. */
+static inline __attribute__((always_inline)) void block(const Product *p, int i, int rows, const float *t, int cols,
+                                                      int r) {
+  const int k = p->w->k;
+  v8 acc[4][8];
+  for (int a = 0; a < rows; a++)
+    for (int b = 0; b < cols; b++) acc[a][b] = splat8(0.f);
+  for (int c = 0; c < k; c += 8) {
+    v8 x[4];
+    for (int a = 0; a < rows; a++) x[a] = load8(p->x + (long)(i + a) * p->ldx + c);
+    for (int b = 0; b < cols; b++) {
+      v8 w = load8(t + (long)b * k + c);
+      for (int a = 0; a < rows; a++) acc[a][b] = fma8(x[a], w, acc[a][b]);
+    }
+  }
+  for (int a = 0; a < rows; a++)
+    for (int b = 0; b < cols; b++) {
+      float *y = p->y + (long)(i + a) * p->ldy + r + b;
+      *y = output(sum8(acc[a][b]), p, y);
+    }
+}
+
+/* The shape of a block, by how many rows the product has: up to 12 chains of accumulators in registers. */
+static void block_shape(int m, int *rows, int *cols) {
+  static const int shapes[5][2] = {{1, 8}, {1, 8}, {2, 4}, {3, 4}, {4, 3}};
+  *rows = shapes[m < 4 ? m : 4][0];
+  *cols = shapes[m < 4 ? m : 4][1];
+}
+
+#define BLOCK(R, C) \
+  case R * 16 + C: block(p, i, R, t, C, r); break;
+
+static void block_any(const Product *p, int i, int rows, const float *t, int cols, int r) {
+  switch (rows * 16 + cols) { /* constant shapes, so that the accumulators stay in registers */
+    BLOCK(1, 1) BLOCK(1, 2) BLOCK(1, 3) BLOCK(1, 4) BLOCK(1, 5) BLOCK(1, 6) BLOCK(1, 7) BLOCK(1, 8)
+    BLOCK(2, 1) BLOCK(2, 2) BLOCK(2, 3) BLOCK(2, 4)
+    BLOCK(3, 1) BLOCK(3, 2) BLOCK(3, 3) BLOCK(3, 4)
+    BLOCK(4, 1) BLOCK(4, 2) BLOCK(4, 3)
+    default: abort(); /* block_shape() gives no other */
+  }
+}
+
+/* Each thread's scratch, grown as needed, on the heap: a prompt's rows times k floats can be far more
+ * than a thread's stack. One for a transposed input (the calling thread's), one for W's tiles. */
+typedef struct {
+  float *floats;
+  size_t size;
+} Scratch;
+
+static __thread Scratch inputs, tiles;
+
+static float *scratch_for(Scratch *s, size_t floats) {
+  if (floats > s->size) {
+    float *grown = realloc(s->floats, floats * sizeof(float));
+    if (!grown) return NULL;
+    s->floats = grown;
+    s->size = floats;
+  }
+  return s->floats;
+}
+
+/* W rows per tile: a decode step's tile stays in L1, a prompt's in L2, where its rows reread it. */
+static int tile_rows(int m, int k) {
+  int bytes = m <= 4 ? 16 << 10 : 192 << 10, rows = bytes / (k * (int)sizeof(float));
+  return rows < 8 ? 8 : (rows > 96 ? 96 : rows / 24 * 24 + (rows % 24 >= 8 ? rows % 24 / 8 * 8 : 0));
+}
 
 static void run_rows(const Product *p, int r0, int r1) {
-  int k = p->w->k, groups = k / p->w->group;
-  for (int i = 0; i < p->m; i++)
-    for (int r = r0; r < r1; r++) {
-      float *y = p->y + (long)i * p->ldy + r;
-      float dot = p->alpha * dot_row(p->w, r, p->x + (long)i * k, p->xs + (long)i * groups);
-      *y = p->beta == 0.f ? dot : dot + p->beta * *y; /* beta 0 ignores what y held, NaN included */
-    }
+  int k = p->w->k, per_tile = tile_rows(p->m, k), rows, cols;
+  block_shape(p->m, &rows, &cols);
+  float *tile = scratch_for(&tiles, (size_t)per_tile * k);
+  if (!tile) abort(); /* no memory for a tile of a few hundred KB: nothing sensible remains to do */
+  for (int r = r0; r < r1; r += per_tile) {
+    int count = r1 - r < per_tile ? r1 - r : per_tile;
+    dequantize(p->w, r, count, tile);
+    for (int i = 0; i < p->m; i += rows)
+      for (int j = 0; j < count; j += cols)
+        block_any(p, i, p->m - i < rows ? p->m - i : rows, tile + (long)j * k, count - j < cols ? count - j : cols,
+                  r + j);
+  }
 }
 
 /* ---- helper threads: they spin (yielding) for a while after each product, then sleep ---- */
@@ -263,9 +340,6 @@ static void *helper_main(void *arg) {
 }
 
 static void spawn_helpers(void) {
-#if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) dot_row = dot_row_avx2;
-#endif
   int wanted = wanted_helpers;
   pthread_attr_t attr;
   pthread_attr_init(&attr);
@@ -282,21 +356,6 @@ static void start_helpers(void) { pthread_once(&helpers_once, spawn_helpers); }
 
 /* The helper threads quantized products use (started with the first product). */
 int mlxserve_helper_threads(void) { return wanted_helpers; }
-
-/* Each calling thread's scratch for the reordered inputs and their group sums, grown as needed: on the
- * heap, since a prompt's rows times k floats can be far more than a thread's stack. */
-static __thread float *scratch;
-static __thread size_t scratch_floats;
-
-static float *scratch_for(size_t floats) {
-  if (floats > scratch_floats) {
-    float *grown = realloc(scratch, floats * sizeof(float));
-    if (!grown) return NULL;
-    scratch = grown;
-    scratch_floats = floats;
-  }
-  return scratch;
-}
 
 static void run_product(const Product *p) {
   /* Another caller holds the helpers (two MLX streams at once): do it alone. */
@@ -317,7 +376,7 @@ static void run_product(const Product *p) {
   pthread_mutex_unlock(&pool);
 }
 
-/* C = A . W^T for a registered W and m <= GEMV_MAX_ROWS rows of A; 0 when done, 1 when W is not one. */
+/* C = A . W^T for a registered W, any number of rows; 0 when done, 1 when W is not one. */
 static int quantized_product(int trans_a, int m, int n, int k, float alpha, const float *a, int lda, const float *b,
                              int ldb, float beta, float *c, int ldc) {
   pthread_rwlock_rdlock(&registry_lock);
@@ -327,27 +386,20 @@ static int quantized_product(int trans_a, int m, int n, int k, float alpha, cons
     pthread_rwlock_unlock(&registry_lock);
     return 1;
   }
-  int groups = k / w->group;
-  float *x = scratch_for((size_t)m * k + (size_t)m * groups);
-  if (!x) {
-    pthread_rwlock_unlock(&registry_lock);
-    return 1;
-  }
-  float *xs = x + (size_t)m * k;
-  for (int i = 0; i < m; i++) {
-    float *xi = x + (long)i * k;
-    for (int j = 0; j < k; j++) {
-      /* Row i of op(A); for 4-bit each run of 32 goes even elements first, as the nibbles do. */
-      int to = w->bits == 4 ? (j & ~31) + ((j & 31) >> 1) + ((j & 1) << 4) : j;
-      xi[to] = trans_a == NO_TRANS ? a[(long)i * lda + j] : a[(long)j * lda + i];
+  const float *x = a;
+  int ldx = lda;
+  if (trans_a != NO_TRANS) { /* op(A) = A^T: its rows are A's columns, copied to be contiguous */
+    float *rows = scratch_for(&inputs, (size_t)m * k);
+    if (!rows) {
+      pthread_rwlock_unlock(&registry_lock);
+      return 1;
     }
-    for (int g = 0; g < groups; g++) {
-      float sum = 0.f;
-      for (int j = g * w->group; j < (g + 1) * w->group; j++) sum += xi[j];
-      xs[(long)i * groups + g] = sum;
-    }
+    for (int i = 0; i < m; i++)
+      for (int j = 0; j < k; j++) rows[(long)i * k + j] = a[(long)j * lda + i];
+    x = rows;
+    ldx = k;
   }
-  Product p = {w, m, x, xs, c, ldc, alpha, beta};
+  Product p = {w, m, x, ldx, c, ldc, alpha, beta};
   run_product(&p);
   atomic_fetch_add(&quantized_products, 1);
   pthread_rwlock_unlock(&registry_lock);
@@ -356,12 +408,13 @@ static int quantized_product(int trans_a, int m, int n, int k, float alpha, cons
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
                  int lda, const float *b, int ldb, float beta, float *c, int ldc) {
+  if (order == ROW_MAJOR && trans_b == TRANS &&
+      quantized_product(trans_a, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == 0)
+    return;
   if (order != ROW_MAJOR || m > GEMV_MAX_ROWS) {
     next_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
-  if (trans_b == TRANS && quantized_product(trans_a, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == 0)
-    return;
   for (int row = 0; row < m; row++) {
     /* Row `row` of op(A) and of C; op(A) is m x k, C is m x n. */
     const float *x = trans_a == NO_TRANS ? a + (long)row * lda : a + row;

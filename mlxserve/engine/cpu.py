@@ -1,23 +1,21 @@
-"""Linux/x86 CPU fast path: float32 everywhere, and dense float32 weights for small models.
+"""Linux CPU fast path: float32 arithmetic, and quantized weights multiplied by the gemv shim.
 
-On MLX's CPU device, float16 arithmetic is emulated and slow, and quantized
-matmuls run on one core; dense float32 matmuls go through BLAS and use every
-core. Measured on SmolLM2-135M (2-core x86, OpenBLAS, raw decode loop): 4-bit
-10 tok/s, dense float32 13.4 tok/s; with matrix-vector products for decode steps 23.4 tok/s
-(through the gemv shim, mlxserve/blas.py) or 18.7 tok/s (through numpy, below).
+On MLX's CPU device, float16 arithmetic is emulated and slow, and quantized matmuls run on one
+core, about 2% of what the machine can do. So every floating-point array becomes float32, and a
+4- or 8-bit layer's products go to the shim (mlxserve/gemv_shim.c, under MLX's own sgemm through
+mlxserve/blas.py), which computes them from the quantized bytes on every core, for any number of
+rows: decode steps, batches and prompts alike, each row's sums in the same order whatever the
+rest of the batch, so a seeded request samples the same text alone or among others.
 
-A decode step then reads every float32 weight once: 540 MB for SmolLM2, which at the ~22 GB/s
-two cores stream here caps decoding near 40 tok/s. So dense weights that came from 4- or
-8-bit ones keep those bytes too (`QuantizedSource`), registered with the shim, which computes
-one- and two-row products from them: the same sums from 3-5x fewer bytes (28 -> 34 tok/s with
-the compiled layers of cpu_fused.py).
+MLX only reaches sgemm with a float32 matrix, so each such layer holds a placeholder: a float32
+array of the weight's shape whose pages are handed back to the kernel once allocated. Nothing
+reads it: the shim recognises it by its address and reads the quantized bytes instead. The
+process holds the quantized weights, float32 scales and biases, and no dense copy, so any model
+whose quantized weights fit the budget runs on this path. Measured kernels and end-to-end rates
+are in scripts/bench.py and the README.
 
-MLX computes a one-token decode step's `x @ W.T` with BLAS's sgemm, and OpenBLAS's sgemm
-with one or two rows streams the weights at about a quarter of the speed of its sgemv
-(SmolLM2's 49152x576 output layer: 12 ms against 2.9 ms). When the shim is not there (no C
-compiler), dense layers hand one- and two-row inputs to numpy, whose `W @ x` is a gemv on
-BLAS, reading MLX's weights in place; that forces an evaluation per layer, hence the gap.
-On Apple silicon and CUDA nothing here runs: quantized weights stay on the GPU.
+Without the shim (no OpenBLAS, no C compiler, or a failed self-check) quantized layers stay
+MLX's own. On Apple silicon and CUDA nothing here runs: quantized weights stay on the GPU.
 """
 
 from __future__ import annotations
@@ -36,11 +34,6 @@ from mlxserve import blas
 from mlxserve.engine import cpu_fused
 
 log = logging.getLogger("mlxserve.engine")
-
-# Dequantize only when the dense float32 model stays this small: past it, memory
-# bandwidth and size favour keeping the quantized weights.
-MAX_DENSE_BYTES = 4 * 1024**3
-
 
 def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
@@ -67,21 +60,18 @@ def _self_check() -> str | None:
         return "MLX's float32 product through OpenBLAS differs from numpy's"
     if blas.gemv_shim is None:
         return None
-    q, scales, biases = mx.quantize(mx.array(b), group_size=32, bits=4)
-    dense = mx.dequantize(q, scales, biases, group_size=32, bits=4)
-    mx.eval(dense)
-    source = QuantizedSource.of(q, scales, biases, 32, 4)  # held until unregistered: the shim reads it
-    before = blas.quantized_products()
-    if not source.register(dense):
+    layer = nn.QuantizedLinear.from_linear(nn.Linear(96, 80), group_size=32, bits=4)
+    dense = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, 32, 4), dtype=np.float64)
+    shimmed = _shimmed(layer)
+    if shimmed is None:
         return "the gemv shim refused a 4-bit weight"
-    try:
-        row = np.array(mx.array(a[:1]) @ dense.T)
-    finally:
-        blas.unregister_quantized(dense)
-    if blas.quantized_products() == before:
-        return "MLX's decode product did not reach the gemv shim"
-    if not np.allclose(row, a[:1].astype(np.float64) @ np.array(dense).T, rtol=1e-4, atol=1e-4):
-        return "the gemv shim's quantized product differs from numpy's"
+    before = blas.quantized_products()
+    for rows in (a[:1], a):
+        got = np.array(shimmed(mx.array(rows)))
+        if not np.allclose(got, rows.astype(np.float64) @ dense.T + np.array(layer.bias), rtol=1e-4, atol=1e-4):
+            return "the gemv shim's quantized product differs from numpy's"
+    if blas.quantized_products() - before != 2:
+        return "MLX's products did not reach the gemv shim"
     return None
 
 
@@ -100,14 +90,14 @@ def compute_path() -> ComputePath:
         log.error("CPU self-check failed: %s; the float32 fast path is off", failure)
         return ComputePath("cpu", blas.loaded, shim, False, f"self-check failed: {failure}")
     parts = [f"OpenBLAS ({blas.loaded}) under MLX"]
-    parts.append(f"gemv shim with {blas.helper_threads() + 1} threads for decode products from quantized bytes"
-                 if shim else f"no gemv shim ({blas.why_not})")
+    parts.append(f"gemv shim with {blas.helper_threads() + 1} threads for products from quantized bytes"
+                 if shim else f"no gemv shim ({blas.why_not}): quantized layers use MLX's one-core kernels")
     return ComputePath("cpu", blas.loaded, shim, True, "; ".join(parts) + "; self-check passed")
 
 
-def dense_allowed() -> bool:
-    """Dense float32 copies pay only on the CPU with a working OpenBLAS under MLX."""
-    return on_cpu() and blas.loaded is not None and compute_path().verified is True
+def shim_ready() -> bool:
+    """Quantized layers go to the shim only on the CPU, with the shim loaded and its self-check passed."""
+    return on_cpu() and blas.gemv_shim is not None and compute_path().verified is True
 
 
 # Bytes per element of safetensors dtypes.
@@ -115,13 +105,12 @@ DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16"
                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def resident_bytes(tensors: dict[str, tuple[str, list[int]]], quantization: dict | None) -> int:
+def resident_bytes(tensors: dict[str, tuple[str, list[int]]]) -> int:
     """What a model will hold once loaded and made fast here, from its tensors' dtypes and shapes
     (safetensors headers), before loading it: the budget must count this, not the size on disk.
 
-    On a GPU that is the weights as stored. On the CPU (`optimize_for_cpu`), floating-point tensors
-    become float32 and, for a model small enough, quantized layers become dense float32 while
-    keeping their quantized bytes (float32 scales and biases) for the shim's decode steps.
+    On a GPU that is the weights as stored. On the CPU (`optimize_for_cpu`) floating-point tensors
+    become float32 (a quantized layer's scales and biases too) and quantized weights stay as they are.
     """
     def size(name: str) -> int:
         dtype, shape = tensors[name]
@@ -129,167 +118,82 @@ def resident_bytes(tensors: dict[str, tuple[str, list[int]]], quantization: dict
 
     if not on_cpu():
         return sum(size(name) for name in tensors)
-    quantized = {name.removesuffix(".scales") for name in tensors if name.endswith(".scales")}
-    dense_ok = dense_allowed()
-    default_group = int((quantization or {}).get("group_size", 64))
-    floats = dense = kept = 0
-    for name, (dtype, shape) in tensors.items():
-        layer, _, leaf = name.rpartition(".")
-        if layer not in quantized:
-            floats += size(name) * 4 // DTYPE_BYTES.get(dtype, 4) if dtype in ("F16", "BF16", "F32", "F64") \
-                else size(name)
-        elif leaf == "weight":
-            override = (quantization or {}).get(layer) or (quantization or {}).get(layer.removeprefix("model."))
-            group = int(override.get("group_size", default_group)) if isinstance(override, dict) else default_group
-            scales_shape = tensors[layer + ".scales"][1]
-            rows, cols = int(np.prod(scales_shape[:-1])), scales_shape[-1] * group
-            dense += rows * cols * 4
-            kept += size(name)
-        else:  # scales and biases, kept as float32
-            kept += int(np.prod(shape, dtype=np.int64)) * 4
-    return floats + (dense + kept if dense_ok and dense <= MAX_DENSE_BYTES else kept)
+    return sum(size(name) * 4 // DTYPE_BYTES[dtype] if dtype in ("F16", "BF16", "F32", "F64") else size(name)
+               for name, (dtype, _) in tensors.items())
 
 
-def _dense_bytes(model: nn.Module) -> int:
-    total = 0
-    for _, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            rows = module.weight.shape[0]
-            cols = module.weight.shape[1] * 32 // module.bits
-            total += rows * cols * 4
-    return total
-
-
-# Inputs of up to this many rows go through numpy's gemv, one row at a time; from 4 rows on,
-# sgemm is as fast as repeated gemv (measured on the 49152x576 layer: 2 rows 7.4 ms against
-# 15.4 ms, 4 rows 14.7 against 15.4).
-GEMV_MAX_ROWS = 2
-
-
-def _times_transpose(x: mx.array, weight: mx.array) -> mx.array:
-    """`x @ weight.T`, with few-row inputs (decode steps) as BLAS matrix-vector products."""
-    rows = x.size // x.shape[-1]
-    if rows > GEMV_MAX_ROWS or blas.gemv_shim is not None:  # the shim does it inside MLX's own matmul
-        return x @ weight.T
-    flat = np.asarray(x).reshape(rows, -1)
-    matrix = np.asarray(weight)  # a view of MLX's buffer, not a copy
-    return mx.array(np.stack([matrix @ row for row in flat])).reshape(*x.shape[:-1], weight.shape[0])
-
-
-class GemvLinear(nn.Linear):
-    """A float32 Linear layer whose decode steps run as gemv (see the module docstring)."""
+class ShimLinear(nn.QuantizedLinear):
+    """A quantized linear layer whose products the gemv shim computes from its bytes (module docstring)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = _times_transpose(x, self.weight)
+        y = x @ self._placeholder.T
         return y + self.bias if "bias" in self else y
 
 
-class GemvEmbedding(nn.Embedding):
-    """A float32 embedding whose use as the (tied) output layer runs decode steps as gemv."""
+class ShimEmbedding(nn.QuantizedEmbedding):
+    """A quantized embedding: lookups as MLX does them, its use as the tied output layer by the shim."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return _times_transpose(x, self.weight)
+        return x @ self._placeholder.T
 
 
-@dataclass
-class QuantizedSource:
-    """The quantized weights a dense layer was made from, in numpy memory the shim reads.
-
-    q holds `bits` per element, a row after another (4-bit: two per byte, low nibble first);
-    scales and biases are float32, one per group of `group_size` along a row.
-    """
-
-    q: np.ndarray
-    scales: np.ndarray
-    biases: np.ndarray
-    group_size: int
-    bits: int
-
-    @classmethod
-    def of(cls, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> QuantizedSource:
-        """Copies of MLX's quantized arrays, in the layout and dtypes the shim reads."""
-        return cls(q=np.array(np.asarray(weight).view(np.uint8)), scales=np.array(scales.astype(mx.float32)),
-                   biases=np.array(biases.astype(mx.float32)), group_size=group_size, bits=bits)
-
-    def register(self, dense: mx.array) -> bool:
-        """Have the shim compute products by `dense` from these bytes; False when it cannot take them."""
-        return blas.register_quantized(dense, self.q, self.scales, self.biases, self.group_size, self.bits)
+_placeholders = 0  # bytes MLX counts as allocated for placeholders that hold no memory
 
 
-def _quantized_source(module: nn.Module) -> QuantizedSource | None:
-    """What the shim needs to compute `module`'s products from its quantized bytes, if it can."""
-    if (blas.gemv_shim is None or getattr(module, "mode", "affine") != "affine" or module.bits not in (4, 8)
-            or module.group_size % 32):
+def placeholder_bytes() -> int:
+    """Bytes of placeholders alive in this process: MLX's active memory counts them; no page holds them."""
+    return _placeholders
+
+
+def _release(bytes_: int, keep: tuple[mx.array, ...]) -> None:
+    """When the layer goes: unregister its placeholder (keep[0]) while its quantized arrays are still alive."""
+    global _placeholders
+    blas.unregister_quantized(keep[0])
+    _placeholders -= bytes_
+
+
+def _shimmed(module: nn.Module) -> nn.Module | None:
+    """`module` (a QuantizedLinear or QuantizedEmbedding) as a Shim layer over the same arrays, or None
+    when the shim cannot take it (a mode other than affine, other bits, a group size not a multiple of 32)."""
+    global _placeholders
+    if getattr(module, "mode", "affine") != "affine" or module.bits not in (4, 8) or module.group_size % 32:
         return None
-    return QuantizedSource.of(module.weight, module.scales, module.biases, module.group_size, module.bits)
-
-
-def _dense(module: nn.Module) -> nn.Module:
-    weight = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits,
-                           mode=getattr(module, "mode", "affine"))
+    rows, cols = module.weight.shape[0], module.weight.shape[1] * 32 // module.bits
     if isinstance(module, nn.QuantizedEmbedding):
-        dense = nn.Embedding(*weight.shape)
+        shimmed = ShimEmbedding(rows, cols, module.group_size, module.bits)
     else:
-        dense = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
-        if "bias" in module:
-            dense.bias = module.bias
-    dense.weight = weight
-    dense.quantized_source = _quantized_source(module)
-    return dense
-
-
-def _gemv(module: nn.Module) -> nn.Module:
-    """The same layer, same arrays, with gemv decode steps."""
-    gemv = GemvEmbedding(*module.weight.shape) if isinstance(module, nn.Embedding) else \
-        GemvLinear(module.weight.shape[1], module.weight.shape[0], bias="bias" in module)
-    gemv.update(module.parameters())
-    gemv.quantized_source = getattr(module, "quantized_source", None)
-    return gemv
-
-
-def _unregister(weights: list[mx.array], sources: list[QuantizedSource]) -> None:
-    """Holding `sources` until the weights are unregistered keeps the bytes the shim reads alive."""
-    for weight in weights:
-        blas.unregister_quantized(weight)
-
-
-def _register_quantized(model: nn.Module) -> None:
-    """Register the final float32 weights that have quantized sources with the shim.
-
-    The registry keys on addresses: the finalizer holds every registered weight and source, so
-    none can be freed (and its address reused) before the model is collected and they are
-    unregistered.
-    """
-    weights, sources = [], []
-    for _, module in model.named_modules():
-        source = getattr(module, "quantized_source", None)
-        if source is None:
-            continue
-        if source.register(module.weight):
-            weights.append(module.weight)
-            sources.append(source)
-        else:
-            module.quantized_source = None  # a shape the shim does not take: free the bytes
-    if weights:
-        weakref.finalize(model, _unregister, weights, sources)
-        log.info("CPU: decode steps read %d layers' quantized bytes", len(weights))
+        shimmed = ShimLinear(cols, rows, "bias" in module, module.group_size, module.bits)
+    shimmed.update(module.parameters())  # the random weights __init__ made lazily are never computed
+    shimmed.scales, shimmed.biases = module.scales.astype(mx.float32), module.biases.astype(mx.float32)
+    placeholder = mx.zeros((rows, cols), dtype=mx.float32)
+    mx.eval(shimmed.parameters(), placeholder)
+    q, scales, biases = (np.asarray(a) for a in (shimmed.weight, shimmed.scales, shimmed.biases))
+    if not blas.register_quantized(placeholder, q.view(np.uint8), scales, biases, module.group_size, module.bits):
+        return None
+    blas.release_pages(placeholder)
+    shimmed._placeholder = placeholder  # "_": not a parameter
+    _placeholders += placeholder.nbytes
+    # The registry keys on the placeholder's address: it and the bytes the shim reads stay alive (held
+    # here) until the layer is collected and the placeholder unregistered.
+    weakref.finalize(shimmed, _release, placeholder.nbytes, (placeholder, shimmed.weight, shimmed.scales,
+                                                             shimmed.biases))
+    return shimmed
 
 
 def optimize_for_cpu(model: nn.Module) -> None:
     """Make `model` fast on the CPU device, in place; does nothing on a GPU."""
     if not on_cpu():
         return
-    if dense_allowed() and 0 < _dense_bytes(model) <= MAX_DENSE_BYTES:
-        replacements = [(path, _dense(m)) for path, m in model.named_modules()
-                        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
-        model.update_modules(tree_unflatten(replacements))
-        log.info("CPU: dequantized %d layers to float32", len(replacements))
     model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a,
                           model.parameters()))
-    model.update_modules(tree_unflatten([(path, _gemv(m)) for path, m in model.named_modules()
-                                         if type(m) in (nn.Linear, nn.Embedding)]))
     mx.eval(model.parameters())
-    _register_quantized(model)
+    if shim_ready():
+        swaps = [(path, _shimmed(m)) for path, m in model.named_modules()
+                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+        model.update_modules(tree_unflatten([(path, m) for path, m in swaps if m is not None]))
+        if swaps:
+            log.info("CPU: the gemv shim computes %d of %d quantized layers from their bytes",
+                     sum(m is not None for _, m in swaps), len(swaps))
     log.info("CPU: fused %d norm and rotary layers", cpu_fused.fuse(model))
     cpu_fused.install_attention()
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlxserve.engine.cpu import placeholder_bytes
 from mlxserve.engine.store import ModelStore
 from mlxserve.protocol import InsufficientMemoryError, LoadedModel, MemoryUsage, ModelNotAllowedError
 from mlxserve.settings import human_bytes
@@ -33,6 +34,11 @@ def _release_memory() -> None:
     gc.collect()
     mx.clear_cache()
     trim_heap()
+
+
+def held_memory() -> int:
+    """The bytes MLX's arrays hold, less the CPU path's placeholders, which MLX counts but no page backs."""
+    return mx.get_active_memory() - placeholder_bytes()
 
 
 def trim_heap() -> None:
@@ -128,14 +134,14 @@ class ModelManager:
             raise InsufficientMemoryError(
                 f"The model '{model_id}' {needs}, but {human_bytes(self._used())} of the "
                 f"{human_bytes(self.max_bytes)} budget is held by models serving requests: {serving}. Try again later.")
-        before = mx.get_active_memory()
+        before = held_memory()
         started = time.perf_counter()
         self.loading = model_id
         try:
             model = self.store.load(model_id)
         finally:
             self.loading = None
-        memory = max(mx.get_active_memory() - before, weights) + cache
+        memory = max(held_memory() - before, weights) + cache
         log.info("loaded %s in %.1fs (%s in memory)", model_id, time.perf_counter() - started, human_bytes(memory))
         now = self._clock()
         resident = _Resident(model_id, self.store.get(model_id).kind, model, memory, self.default_ttl, time.time(), now)
@@ -176,7 +182,7 @@ class ModelManager:
                 self.unload(resident.id)
 
     def memory(self) -> MemoryUsage:
-        return MemoryUsage(mx.get_active_memory(), mx.get_cache_memory(), self.max_bytes)
+        return MemoryUsage(held_memory(), mx.get_cache_memory(), self.max_bytes)
 
     def snapshot(self, in_flight: Callable[[str], int]) -> list[LoadedModel]:
         now = self._clock()

@@ -90,9 +90,7 @@ class ModelStore:
             with open(file, "rb") as f:
                 header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
             tensors.update({k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"})
-        config = self._config(path)
-        quantization = config.get("quantization") or (config.get("text_config") or {}).get("quantization")
-        return resident_bytes(tensors, quantization) if tensors else self._info(path).size_bytes
+        return resident_bytes(tensors) if tensors else self._info(path).size_bytes
 
     def load(self, model_id: str) -> Any:
         """Load `model_id` with its kind's loader (on the engine thread: it evaluates MLX arrays)."""

@@ -75,24 +75,31 @@ def test_same_seed_same_text_alone_and_streamed(default_client):
 
 
 @pytest.mark.skipif(ON_GPU, reason=BATCH_ORDER)
-def test_same_seed_same_text_alone_and_under_load(default_client):
-    kwargs = dict(messages=STORY, temperature=1.0, max_tokens=12, seed=1234)
-    alone = chat(default_client, **kwargs).choices[0].message.content
+def test_same_seed_same_text_alone_and_among_3_or_8_requests(default_client, default_home):
+    """At temperature 0.8, eight seeded requests (different prompts, 40 tokens each, the end token banned
+    so that every text runs its full length) give each the same text alone, three at a time and all
+    eight together: a row's sums do not depend on the rows batched with it."""
+    prompts = [[{"role": "user", "content": f"Tell me a story about {topic}."}]
+               for topic in ("a cat", "the sea", "a robot", "winter", "a king", "bread", "a train", "the moon")]
+    ban_end = {str(token_id(default_home, "<|im_end|>")): -100}
 
-    results: dict[int, str] = {}
+    def text(i: int) -> str:
+        return chat(default_client, messages=prompts[i], temperature=0.8, max_tokens=40, seed=1000 + i,
+                    logit_bias=ban_end).choices[0].message.content
 
-    def run(i: int) -> None:
-        if i == 0:
-            results[i] = chat(default_client, **kwargs).choices[0].message.content
-        else:  # other traffic with other prompts and parameters in the same batch
-            chat(default_client, messages=APPLE, temperature=0.8, max_tokens=16, seed=i)
+    def together(indices: list[int]) -> dict[int, str]:
+        results: dict[int, str] = {}
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, text(i))) for i in indices]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in (1, 2, 3, 4, 0)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results[0] == alone
+    alone = {i: text(i) for i in range(8)}
+    assert len(set(alone.values())) == 8
+    assert together([0, 1, 2]) == {i: alone[i] for i in (0, 1, 2)}
+    assert together(list(range(8))) == alone
 
 
 def test_same_seed_same_text_in_another_server_process(default_client, default_home):
