@@ -84,12 +84,12 @@ def shim_key(source: bytes, compiler: Compiler, cpu_flags: str) -> str:
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
-def _build_shim() -> Path | None:
-    """The shim, compiled once per source, compiler and CPU into ~/.cache/mlxserve; None without a compiler."""
+def _build_shim() -> Path | str:
+    """The shim, compiled once per source, compiler and CPU into ~/.cache/mlxserve; else why not."""
     source = Path(__file__).with_name("gemv_shim.c")
     compiler = _compiler()
-    if not source.exists() or compiler is None:
-        return None
+    if compiler is None:
+        return "no C compiler for the gemv shim (install gcc)"
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlxserve"
     target = cache / f"gemv-shim-{shim_key(source.read_bytes(), compiler, _cpu_flags())}.so"
     if target.exists():
@@ -102,10 +102,13 @@ def _build_shim() -> Path | None:
             try:
                 subprocess.run(command[:1] + _NATIVE + command[1:], check=True, capture_output=True, timeout=120)
             except subprocess.CalledProcessError:  # a compiler without -march=native: portable code
-                subprocess.run(command, check=True, capture_output=True, timeout=120)
+                subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
             built.rename(target)
-    except (OSError, subprocess.SubprocessError):
-        return None
+    except subprocess.CalledProcessError as e:
+        errors = [line for line in e.stderr.splitlines() if "error" in line]
+        return f"the gemv shim did not compile with {compiler.path}: {(errors or ['no message'])[0]}"
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"the gemv shim could not be built: {e}"
     return target
 
 
@@ -142,7 +145,8 @@ def preload_openblas() -> str | None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", str(cpus))  # read when OpenBLAS loads
         # The shim goes first, so that MLX binds to its cblas_sgemm rather than OpenBLAS's.
         wanted = os.environ.get("MLXSERVE_BLAS_SHIM", "on") != "off"
-        shim_path = _build_shim() if wanted else None
+        built = _build_shim() if wanted else "MLXSERVE_BLAS_SHIM=off"
+        shim_path = built if isinstance(built, Path) else None
         shim = ctypes.CDLL(str(shim_path), mode=ctypes.RTLD_GLOBAL) if shim_path else None
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         if shim is not None:
@@ -150,8 +154,7 @@ def preload_openblas() -> str | None:
                 raise OSError(f"the gemv shim cannot find sgemm/sgemv in {path}; set MLXSERVE_BLAS_SHIM=off")
             shim.mlxserve_quantized_products.restype = ctypes.c_long
             gemv_shim, _shim = shim_path, shim
-        why_not = "" if shim is not None else ("MLXSERVE_BLAS_SHIM=off" if not wanted else
-                                               "no C compiler for the gemv shim (install gcc)")
+        why_not = "" if isinstance(built, Path) else built
         loaded = path
         return loaded
     why_not = "no OpenBLAS found (install libopenblas0-pthread, or name it in MLXSERVE_BLAS)"

@@ -170,47 +170,70 @@ static inline v8 fma8(v8 a, v8 b, v8 c) {
 #endif
 }
 
+/* A loaded value kept in a register: left alone, compilers fold the load into every multiply-add that
+ * uses it, which loads it again each time and makes the loads, not the multiply-adds, the limit. */
+static inline v8 in_register(v8 v) {
+#if defined(__AVX__)
+  __asm__("" : "+x"(v));
+#endif
+  return v;
+}
+
 static inline float sum8(v8 v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
 
-/* Eight quantized values, already one per byte, as floats. */
-static inline v8 widen8(const uint8_t *b) {
-#if defined(__AVX2__)
-  return (v8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b)));
-#else
-  return (v8){b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]};
+/* A hint to load a cache line soon. A block below reads a few of W's rows at once, each a short run,
+ * too short for the hardware's prefetcher to follow, so it asks for the next block's bytes as it goes.
+ * A hint past W's end is harmless: a prefetch never faults. */
+static inline void prefetch_line(const void *address) {
+#if defined(__GNUC__)
+  __builtin_prefetch(address, 0, 3);
 #endif
 }
 
-/* W's rows r .. r + count - 1 as float32, row after row, in their own order. */
+/* Elements c .. c + 31 of one of W's rows, dequantized: `q` points at their bytes, `scale` and `bias` are
+ * their group's. Every path below dequantizes through this one function, so a weight is the same float
+ * whichever path uses it. */
+static inline __attribute__((always_inline)) void dequantize32(const uint8_t *q, int bits, float scale, float bias,
+                                                             v8 out[4]) {
+  const v8 s = splat8(scale), b = splat8(bias);
+#if defined(__AVX2__)
+  __m128i first, second; /* the 32 values, one per byte, in order */
+  if (bits == 4) {
+    const __m128i low = _mm_set1_epi8(0x0F), v = _mm_loadu_si128((const __m128i *)q);
+    const __m128i even = _mm_and_si128(v, low), odd = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+    first = _mm_unpacklo_epi8(even, odd);
+    second = _mm_unpackhi_epi8(even, odd);
+  } else {
+    first = _mm_loadu_si128((const __m128i *)q);
+    second = _mm_loadu_si128((const __m128i *)(q + 16));
+  }
+  const __m128i parts[4] = {first, _mm_srli_si128(first, 8), second, _mm_srli_si128(second, 8)};
+  for (int i = 0; i < 4; i++) out[i] = fma8((v8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), s, b);
+#else
+  for (int i = 0; i < 4; i++) {
+    v8 values;
+    for (int j = 0; j < 8; j++) {
+      int e = 8 * i + j;
+      values[j] = bits == 4 ? (e & 1 ? q[e / 2] >> 4 : q[e / 2] & 15) : q[e];
+    }
+    out[i] = fma8(values, s, b);
+  }
+#endif
+}
+
+/* W's rows r .. r + count - 1 as float32, row after row. */
 static void dequantize(const QWeight *w, int r, int count, float *tile) {
-  int k = w->k, groups = k / w->group;
+  int k = w->k, groups = k / w->group, row_bytes = k * w->bits / 8;
   for (int row = r; row < r + count; row++, tile += k) {
     const float *s = w->scales + (long)row * groups, *b = w->biases + (long)row * groups;
-    const uint8_t *q = w->q + (long)row * (k * w->bits / 8);
-    for (int g = 0; g < groups; g++) {
-      v8 scale = splat8(s[g]), bias = splat8(b[g]);
-      for (int c = g * w->group; c < (g + 1) * w->group; c += 32) {
-        uint8_t bytes[32]; /* the 32 values of elements c .. c + 31, one per byte */
-        if (w->bits == 4) {
-          const uint8_t *qc = q + c / 2;
-#if defined(__AVX2__)
-          _mm_prefetch((const char *)qc + 1024, _MM_HINT_T0);
-          const __m128i low = _mm_set1_epi8(0x0F), v = _mm_loadu_si128((const __m128i *)qc);
-          const __m128i a = _mm_and_si128(v, low), z = _mm_and_si128(_mm_srli_epi16(v, 4), low);
-          _mm_storeu_si128((__m128i *)bytes, _mm_unpacklo_epi8(a, z));
-          _mm_storeu_si128((__m128i *)(bytes + 16), _mm_unpackhi_epi8(a, z));
-#else
-          for (int j = 0; j < 16; j++) {
-            bytes[2 * j] = qc[j] & 15;
-            bytes[2 * j + 1] = qc[j] >> 4;
-          }
-#endif
-        } else {
-          memcpy(bytes, q + c, 32);
-        }
-        for (int j = 0; j < 32; j += 8) store8(tile + c + j, fma8(widen8(bytes + j), scale, bias));
+    const uint8_t *q = w->q + (long)row * row_bytes;
+    for (int g = 0, c = 0; g < groups; g++)
+      for (int end = c + w->group; c < end; c += 32) {
+        v8 out[4];
+        prefetch_line(q + c * w->bits / 8 + 1024);
+        dequantize32(q + c * w->bits / 8, w->bits, s[g], b[g], out);
+        for (int i = 0; i < 4; i++) store8(tile + c + 8 * i, out[i]);
       }
-    }
   }
 }
 
@@ -218,10 +241,48 @@ static inline float output(float dot, const Product *p, const float *y) {
   return p->beta == 0.f ? p->alpha * dot : p->alpha * dot + p->beta * *y; /* beta 0 ignores y, NaN included */
 }
 
-/* Rows i .. i + rows - 1 of x by tile rows t .. t + cols - 1: every (row, col) is its own chain, so how
- * rows and columns are grouped here never changes a sum; the grouping only gives the core enough
- * independent chains (and few enough loads per multiply-add) to keep its FMA units busy. */
-static inline __attribute__((always_inline)) void block(const Product *p, int i, int rows, const float *t, int cols,
+/* Every output below is one chain of fused multiply-adds, eight lanes wide, along k in order, then its
+ * lanes summed by sum8(): how rows and W rows are grouped into blocks never changes a sum. The grouping
+ * only gives the core enough independent chains, and few enough loads per multiply-add, to keep its
+ * FMA units busy. */
+
+/* Rows i .. i + rows - 1 of x by W rows r .. r + cols - 1, dequantized as it goes (few rows: each weight
+ * is used by at most four rows, so it is not worth storing). */
+static inline __attribute__((always_inline)) void fused(const Product *p, int i, int rows, int r, int cols,
+                                                      int bits) {
+  const QWeight *w = p->w;
+  const int k = w->k, groups = k / w->group, row_bytes = k * bits / 8;
+  const uint8_t *q = w->q + (long)r * row_bytes;
+  const float *scales = w->scales + (long)r * groups, *biases = w->biases + (long)r * groups;
+  v8 acc[4][8];
+  for (int a = 0; a < rows; a++)
+    for (int b = 0; b < cols; b++) acc[a][b] = splat8(0.f);
+  for (int g = 0, c = 0; g < groups; g++) {
+    for (int b = 0; b < cols; b++) {
+      prefetch_line(scales + (long)(b + cols) * groups + g);
+      prefetch_line(biases + (long)(b + cols) * groups + g);
+    }
+    for (int end = c + w->group; c < end; c += 32)
+      for (int b = 0; b < cols; b++) {
+        const uint8_t *qc = q + (long)b * row_bytes + c * bits / 8;
+        v8 wv[4];
+        prefetch_line(qc + (long)cols * row_bytes);
+        dequantize32(qc, bits, scales[(long)b * groups + g], biases[(long)b * groups + g], wv);
+        for (int a = 0; a < rows; a++) {
+          const float *x = p->x + (long)(i + a) * p->ldx + c;
+          for (int u = 0; u < 4; u++) acc[a][b] = fma8(load8(x + 8 * u), wv[u], acc[a][b]);
+        }
+      }
+  }
+  for (int a = 0; a < rows; a++)
+    for (int b = 0; b < cols; b++) {
+      float *y = p->y + (long)(i + a) * p->ldy + r + b;
+      *y = output(sum8(acc[a][b]), p, y);
+    }
+}
+
+/* Rows i .. i + rows - 1 of x by tile rows t .. t + cols - 1 (already dequantized, for many rows). */
+static inline __attribute__((always_inline)) void tiled(const Product *p, int i, int rows, const float *t, int cols,
                                                       int r) {
   const int k = p->w->k;
   v8 acc[4][8];
@@ -229,10 +290,10 @@ static inline __attribute__((always_inline)) void block(const Product *p, int i,
     for (int b = 0; b < cols; b++) acc[a][b] = splat8(0.f);
   for (int c = 0; c < k; c += 8) {
     v8 x[4];
-    for (int a = 0; a < rows; a++) x[a] = load8(p->x + (long)(i + a) * p->ldx + c);
+    for (int a = 0; a < rows; a++) x[a] = in_register(load8(p->x + (long)(i + a) * p->ldx + c));
     for (int b = 0; b < cols; b++) {
-      v8 w = load8(t + (long)b * k + c);
-      for (int a = 0; a < rows; a++) acc[a][b] = fma8(x[a], w, acc[a][b]);
+      v8 wv = in_register(load8(t + (long)b * k + c));
+      for (int a = 0; a < rows; a++) acc[a][b] = fma8(x[a], wv, acc[a][b]);
     }
   }
   for (int a = 0; a < rows; a++)
@@ -242,23 +303,30 @@ static inline __attribute__((always_inline)) void block(const Product *p, int i,
     }
 }
 
-/* The shape of a block, by how many rows the product has: up to 12 chains of accumulators in registers. */
-static void block_shape(int m, int *rows, int *cols) {
-  static const int shapes[5][2] = {{1, 8}, {1, 8}, {2, 4}, {3, 4}, {4, 3}};
-  *rows = shapes[m < 4 ? m : 4][0];
-  *cols = shapes[m < 4 ? m : 4][1];
+/* Block shapes by the product's rows (more rows than 4 go by tiles): enough chains, all in registers. */
+static const int FUSED_COLS[5] = {0, 8, 4, 3, 2}, TILED_ROWS = 4, TILED_COLS = 2, FUSED_MAX_ROWS = 4;
+
+#define FUSED(R, C) \
+  case R * 16 + C: \
+    if (p->w->bits == 4) fused(p, i, R, r, C, 4); else fused(p, i, R, r, C, 8); \
+    break;
+#define TILED(R, C) \
+  case R * 16 + C: tiled(p, i, R, t, C, r); break;
+
+static void fused_any(const Product *p, int i, int rows, int r, int cols) {
+  switch (rows * 16 + cols) { /* constant shapes, so that the accumulators stay in registers */
+    FUSED(1, 1) FUSED(1, 2) FUSED(1, 3) FUSED(1, 4) FUSED(1, 5) FUSED(1, 6) FUSED(1, 7) FUSED(1, 8)
+    FUSED(2, 1) FUSED(2, 2) FUSED(2, 3) FUSED(2, 4)
+    FUSED(3, 1) FUSED(3, 2) FUSED(3, 3)
+    FUSED(4, 1) FUSED(4, 2)
+    default: abort(); /* FUSED_COLS gives no other */
+  }
 }
 
-#define BLOCK(R, C) \
-  case R * 16 + C: block(p, i, R, t, C, r); break;
-
-static void block_any(const Product *p, int i, int rows, const float *t, int cols, int r) {
-  switch (rows * 16 + cols) { /* constant shapes, so that the accumulators stay in registers */
-    BLOCK(1, 1) BLOCK(1, 2) BLOCK(1, 3) BLOCK(1, 4) BLOCK(1, 5) BLOCK(1, 6) BLOCK(1, 7) BLOCK(1, 8)
-    BLOCK(2, 1) BLOCK(2, 2) BLOCK(2, 3) BLOCK(2, 4)
-    BLOCK(3, 1) BLOCK(3, 2) BLOCK(3, 3) BLOCK(3, 4)
-    BLOCK(4, 1) BLOCK(4, 2) BLOCK(4, 3)
-    default: abort(); /* block_shape() gives no other */
+static void tiled_any(const Product *p, int i, int rows, const float *t, int cols, int r) {
+  switch (rows * 16 + cols) {
+    TILED(1, 1) TILED(1, 2) TILED(2, 1) TILED(2, 2) TILED(3, 1) TILED(3, 2) TILED(4, 1) TILED(4, 2)
+    default: abort(); /* TILED_ROWS and TILED_COLS give no other */
   }
 }
 
@@ -281,30 +349,46 @@ static float *scratch_for(Scratch *s, size_t floats) {
   return s->floats;
 }
 
-/* W rows per tile: a decode step's tile stays in L1, a prompt's in L2, where its rows reread it. */
-static int tile_rows(int m, int k) {
-  int bytes = m <= 4 ? 16 << 10 : 192 << 10, rows = bytes / (k * (int)sizeof(float));
-  return rows < 8 ? 8 : (rows > 96 ? 96 : rows / 24 * 24 + (rows % 24 >= 8 ? rows % 24 / 8 * 8 : 0));
+/* W rows per tile: the tile stays in L2, where every row of x rereads it. */
+static int tile_rows(int k) {
+  int rows = (192 << 10) / (k * (int)sizeof(float));
+  return rows < TILED_COLS ? TILED_COLS : (rows > 96 ? 96 : rows - rows % TILED_COLS);
 }
 
 static void run_rows(const Product *p, int r0, int r1) {
-  int k = p->w->k, per_tile = tile_rows(p->m, k), rows, cols;
-  block_shape(p->m, &rows, &cols);
+  if (p->m <= FUSED_MAX_ROWS) {
+    int cols = FUSED_COLS[p->m];
+    for (int r = r0; r < r1; r += cols) fused_any(p, 0, p->m, r, r1 - r < cols ? r1 - r : cols);
+    return;
+  }
+  int k = p->w->k, per_tile = tile_rows(k);
   float *tile = scratch_for(&tiles, (size_t)per_tile * k);
   if (!tile) abort(); /* no memory for a tile of a few hundred KB: nothing sensible remains to do */
   for (int r = r0; r < r1; r += per_tile) {
     int count = r1 - r < per_tile ? r1 - r : per_tile;
     dequantize(p->w, r, count, tile);
-    for (int i = 0; i < p->m; i += rows)
-      for (int j = 0; j < count; j += cols)
-        block_any(p, i, p->m - i < rows ? p->m - i : rows, tile + (long)j * k, count - j < cols ? count - j : cols,
-                  r + j);
+    for (int i = 0; i < p->m; i += TILED_ROWS)
+      for (int j = 0; j < count; j += TILED_COLS)
+        tiled_any(p, i, p->m - i < TILED_ROWS ? p->m - i : TILED_ROWS, tile + (long)j * k,
+                  count - j < TILED_COLS ? count - j : TILED_COLS, r + j);
   }
 }
 
-/* ---- helper threads: they spin (yielding) for a while after each product, then sleep ---- */
+/* ---- helper threads: they spin for a moment after each product, then sleep ----
+ *
+ * The spinning is short and pauses the core rather than yielding it: a helper that yields in a loop
+ * keeps the scheduler busy and takes time from MLX's and Python's threads, on a small machine the
+ * same cores. Products too small to repay waking a helper run on the calling thread alone. */
 
-enum { SPIN_ROUNDS = 20000 };
+enum { SPIN_ROUNDS = 4000, PARALLEL_MACS = 1 << 20 };
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ volatile("yield");
+#endif
+}
 
 static int helpers;
 static const Product *current;
@@ -324,7 +408,7 @@ static void *helper_main(void *arg) {
   unsigned seen = 0;
   for (;;) {
     int spins = 0;
-    while (atomic_load(&generation) == seen && spins++ < SPIN_ROUNDS) sched_yield();
+    while (atomic_load(&generation) == seen && spins++ < SPIN_ROUNDS) cpu_relax();
     if (atomic_load(&generation) == seen) {
       pthread_mutex_lock(&sleep_lock);
       atomic_fetch_add(&sleepers, 1);
@@ -358,8 +442,8 @@ static void start_helpers(void) { pthread_once(&helpers_once, spawn_helpers); }
 int mlxserve_helper_threads(void) { return wanted_helpers; }
 
 static void run_product(const Product *p) {
-  /* Another caller holds the helpers (two MLX streams at once): do it alone. */
-  if (helpers == 0 || pthread_mutex_trylock(&pool) != 0) {
+  /* A small product, or another caller holds the helpers (two MLX streams at once): do it alone. */
+  if (helpers == 0 || (long)p->m * p->w->n * p->w->k < PARALLEL_MACS || pthread_mutex_trylock(&pool) != 0) {
     run_rows(p, 0, p->w->n);
     return;
   }
@@ -372,7 +456,9 @@ static void run_product(const Product *p) {
     pthread_mutex_unlock(&sleep_lock);
   }
   share(p, 0, helpers + 1);
-  while (atomic_load(&unfinished)) sched_yield();
+  for (int spins = 0; atomic_load(&unfinished); spins++) {
+    if (spins < SPIN_ROUNDS) cpu_relax(); else sched_yield(); /* a helper without a core: let it have ours */
+  }
   pthread_mutex_unlock(&pool);
 }
 

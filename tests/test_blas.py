@@ -186,3 +186,15 @@ def test_without_openblas_no_dense_copies_are_built_and_health_says_why(quantize
     assert compute["blas"] is None and compute["verified"] is None and "MLXSERVE_BLAS=off" in compute["note"]
     on_disk = sum(p.stat().st_size for p in (quantized_home / "models" / "tiny-q4").glob("*.safetensors"))
     assert held <= 2 * on_disk  # float32 norms and scales at most: no dense float32 weights
+
+
+def test_a_shim_that_does_not_compile_says_why(tmp_path: Path, monkeypatch):
+    """/health and the startup log carry the compiler's own error, not a guess."""
+    compiler = tmp_path / "cc"
+    compiler.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo 'fake cc 1.0'; exit 0; }\n"
+                        "echo 'gemv_shim.c:1:1: error: this compiler refuses' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    why = blas._build_shim()
+    assert isinstance(why, str) and "did not compile" in why and "this compiler refuses" in why
