@@ -143,6 +143,10 @@ def preload_openblas() -> str | None:
             continue
         cpus = usable_cpus()
         os.environ.setdefault("OPENBLAS_NUM_THREADS", str(cpus))  # read when OpenBLAS loads
+        # OpenBLAS's idle threads spin calling sched_yield for 2^28 cycles after each product by
+        # default: between the attention products of a step they kept the scheduler busy (a sixth
+        # of a prompt's CPU time here) and took cores from the shim's threads. 2^4: they sleep at once.
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
         # The shim goes first, so that MLX binds to its cblas_sgemm rather than OpenBLAS's.
         wanted = os.environ.get("MLXSERVE_BLAS_SHIM", "on") != "off"
         built = _build_shim() if wanted else "MLXSERVE_BLAS_SHIM=off"

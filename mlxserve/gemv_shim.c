@@ -247,14 +247,14 @@ static inline float output(float dot, const Product *p, const float *y) {
  * FMA units busy. */
 
 /* Rows i .. i + rows - 1 of x by W rows r .. r + cols - 1, dequantized as it goes (few rows: each weight
- * is used by at most four rows, so it is not worth storing). */
+ * is used by at most eight rows, so it is not worth storing). */
 static inline __attribute__((always_inline)) void fused(const Product *p, int i, int rows, int r, int cols,
                                                       int bits) {
   const QWeight *w = p->w;
   const int k = w->k, groups = k / w->group, row_bytes = k * bits / 8;
   const uint8_t *q = w->q + (long)r * row_bytes;
   const float *scales = w->scales + (long)r * groups, *biases = w->biases + (long)r * groups;
-  v8 acc[4][8];
+  v8 acc[8][8];
   for (int a = 0; a < rows; a++)
     for (int b = 0; b < cols; b++) acc[a][b] = splat8(0.f);
   for (int g = 0, c = 0; g < groups; g++) {
@@ -304,7 +304,7 @@ static inline __attribute__((always_inline)) void tiled(const Product *p, int i,
 }
 
 /* Block shapes by the product's rows (more rows than 4 go by tiles): enough chains, all in registers. */
-static const int FUSED_COLS[5] = {0, 8, 4, 3, 2}, TILED_ROWS = 4, TILED_COLS = 2, FUSED_MAX_ROWS = 4;
+static const int FUSED_COLS[9] = {0, 8, 4, 3, 2, 1, 1, 1, 1}, TILED_ROWS = 4, TILED_COLS = 2, FUSED_MAX_ROWS = 8;
 
 #define FUSED(R, C) \
   case R * 16 + C: \
@@ -319,6 +319,7 @@ static void fused_any(const Product *p, int i, int rows, int r, int cols) {
     FUSED(2, 1) FUSED(2, 2) FUSED(2, 3) FUSED(2, 4)
     FUSED(3, 1) FUSED(3, 2) FUSED(3, 3)
     FUSED(4, 1) FUSED(4, 2)
+    FUSED(5, 1) FUSED(6, 1) FUSED(7, 1) FUSED(8, 1)
     default: abort(); /* FUSED_COLS gives no other */
   }
 }
