@@ -77,7 +77,7 @@ def _self_check() -> str | None:
 
 @functools.cache
 def compute_path() -> ComputePath:
-    """Checked once per process: a path that fails its self-check builds no dense copies."""
+    """Checked once per process: a path that fails its self-check leaves quantized layers to MLX."""
     if not on_cpu():
         name = mx.device_info().get("device_name", "")
         return ComputePath("gpu", None, False, None, f"MLX on the GPU ({name}): quantized weights stay quantized")

@@ -98,6 +98,8 @@ def load_vision_model(name: str, path: Path) -> TextModel:
     if quantized:
         nn.quantize(language, class_predicate=lambda p, m: quantized.get(p, False))
     language.load_weights([(rename(k), v) for k, v in tree_flatten(vlm.language_model.parameters())], strict=True)
+    if quantized:
+        optimize_for_cpu(language)  # on a CPU, its quantized layers (the tower's arrays) go to the shim too
     eos = config.get("eos_token_id") or []
     tokenizer = TokenizerWrapper(processor.tokenizer, eos_token_ids=eos if isinstance(eos, list) else [eos])
     tower = VisionTower(vlm, processor, int(config.get("max_images", DEFAULT_MAX_IMAGES)))
