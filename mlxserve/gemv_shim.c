@@ -23,6 +23,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -30,12 +31,18 @@
 #include <immintrin.h>
 #endif
 
-enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, GEMV_MAX_ROWS = 2, MAX_HELPERS = 7 };
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, GEMV_MAX_ROWS = 2, MAX_HELPERS = 7, TRANSPOSED_ROWS = 256 };
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int,
                          float, float *, int);
 typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const float *, int, float,
                          float *, int);
+
+/* Stop with a message: for states where going on would compute wrong numbers silently. */
+static void fail(const char *why) {
+  fprintf(stderr, "mlxserve gemv shim: %s\n", why);
+  abort();
+}
 
 static sgemm_fn next_sgemm;
 static sgemv_fn next_sgemv;
@@ -364,7 +371,7 @@ static void run_rows(const Product *p, int r0, int r1) {
   }
   int k = p->w->k, per_tile = tile_rows(k);
   float *tile = scratch_for(&tiles, (size_t)per_tile * k);
-  if (!tile) abort(); /* no memory for a tile of a few hundred KB: nothing sensible remains to do */
+  if (!tile) fail("out of memory for a tile of a few hundred KB");
   for (int r = r0; r < r1; r += per_tile) {
     int count = r1 - r < per_tile ? r1 - r : per_tile;
     dequantize(p->w, r, count, tile);
@@ -463,31 +470,35 @@ static void run_product(const Product *p) {
   pthread_mutex_unlock(&pool);
 }
 
-/* C = A . W^T for a registered W, any number of rows; 0 when done, 1 when W is not one. */
+/* C = A . W^T for a registered W, any number of rows; 0 when done, 1 when W is not one. W's first n rows
+ * (a view of fewer rows at the same address) are fine; any other shape is a bug that would otherwise
+ * multiply by the placeholder's zeros, so it stops the process with a message instead. */
 static int quantized_product(int trans_a, int m, int n, int k, float alpha, const float *a, int lda, const float *b,
                              int ldb, float beta, float *c, int ldc) {
   pthread_rwlock_rdlock(&registry_lock);
   int at = index_of(b);
-  const QWeight *w = at >= 0 ? &registry[at] : NULL;
-  if (!w || w->n != n || w->k != k || ldb != k) {
+  if (at < 0) {
     pthread_rwlock_unlock(&registry_lock);
     return 1;
   }
-  const float *x = a;
-  int ldx = lda;
-  if (trans_a != NO_TRANS) { /* op(A) = A^T: its rows are A's columns, copied to be contiguous */
-    float *rows = scratch_for(&inputs, (size_t)m * k);
-    if (!rows) {
-      pthread_rwlock_unlock(&registry_lock);
-      return 1;
+  if (k != registry[at].k || ldb != k || n > registry[at].n)
+    fail("a product by a registered weight in a shape it was not registered with");
+  QWeight w = registry[at];
+  w.n = n;
+  if (trans_a == NO_TRANS) {
+    Product p = {&w, m, a, lda, c, ldc, alpha, beta};
+    run_product(&p);
+  } else { /* op(A) = A^T: its rows are A's columns, copied to be contiguous, a bounded number at a time */
+    for (int i0 = 0; i0 < m; i0 += TRANSPOSED_ROWS) {
+      int rows = m - i0 < TRANSPOSED_ROWS ? m - i0 : TRANSPOSED_ROWS;
+      float *x = scratch_for(&inputs, (size_t)rows * k);
+      if (!x) fail("out of memory for a transposed input's rows");
+      for (int i = 0; i < rows; i++)
+        for (int j = 0; j < k; j++) x[(long)i * k + j] = a[(long)j * lda + i0 + i];
+      Product p = {&w, rows, x, k, c + (long)i0 * ldc, ldc, alpha, beta};
+      run_product(&p);
     }
-    for (int i = 0; i < m; i++)
-      for (int j = 0; j < k; j++) rows[(long)i * k + j] = a[(long)j * lda + i];
-    x = rows;
-    ldx = k;
   }
-  Product p = {w, m, x, ldx, c, ldc, alpha, beta};
-  run_product(&p);
   atomic_fetch_add(&quantized_products, 1);
   pthread_rwlock_unlock(&registry_lock);
   return 0;

@@ -64,7 +64,7 @@ QUANTIZED_SCRIPT = textwrap.dedent("""
         case = {"bits": bits, "group": group, "registered": blas.registered(), "errors": [], "products": [],
                 "placeholders": cpu.placeholder_bytes(), "lookup": float(np.abs(np.array(
                     model.embed(mx.array([[3, 199]]))) - dense["embed"][[3, 199]]).max())}
-        shapes = ((1, 576), (2, 576), ("T", 2), (3, 576), (2, 5, 576), (70, 576), ("slice", 9))
+        shapes = ((1, 576), (2, 576), ("T", 2), (3, 576), (2, 5, 576), (70, 576), ("slice", 9), ("T", 300))
         for shape in shapes:
             if shape[0] == "T":  # a transposed input
                 x = mx.random.normal((576, shape[1])).T
@@ -80,6 +80,9 @@ QUANTIZED_SCRIPT = textwrap.dedent("""
                 if name == "proj":
                     want = want + np.array(model.proj.bias)
                 case["errors"].append(float(np.abs(got - want).max() / np.abs(want).max()))
+        x = mx.random.normal((4, 576))  # a view of the weight's first rows: the same address, fewer rows
+        first = np.array(x @ model.proj._placeholder[:100].T)
+        case["first_rows"] = float(np.abs(first - np.array(x).astype(np.float64) @ dense["proj"][:100].T).max())
         x = mx.random.normal((11, 576))
         together = np.array(model.proj(x))
         case["same_alone"] = all(np.array_equal(np.array(model.proj(x[i:i + n])), together[i:i + n])
@@ -104,7 +107,9 @@ QUANTIZED_SCRIPT = textwrap.dedent("""
 @SHIM_READY
 def test_products_from_quantized_bytes_are_exact_for_any_rows_and_the_same_alone_until_the_model_goes(tmp_path: Path):
     """4- and 8-bit layers (and a quantized embedding used as the output layer) multiply any number of
-    rows from their quantized bytes, one product per call, whatever the input's layout; a row's outputs
+    rows from their quantized bytes, one product per call, whatever the input's layout (a transposed one
+    of more rows than the shim copies at once included), and by a view of the weight's first rows (which
+    multiplied by the placeholder's zeros before); a row's outputs
     are bit-for-bit the same alone or among others; and when the model is collected its weights leave
     the registry and their placeholders are gone."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
@@ -114,8 +119,8 @@ def test_products_from_quantized_bytes_are_exact_for_any_rows_and_the_same_alone
     assert results["many"]["registered"] == 300 and results["many"]["error"] < 1e-5
     for case in results["cases"]:
         assert case["registered"] == 2 and case["placeholders"] == (300 + 200) * 576 * 4, case
-        assert case["products"] == [1] * 14, case
-        assert max(case["errors"]) < 1e-5 and case["lookup"] < 1e-6, case
+        assert case["products"] == [1] * 16, case
+        assert max(case["errors"]) < 1e-5 and case["lookup"] < 1e-6 and case["first_rows"] < 1e-4, case
         assert case["same_alone"], case
         assert case["registered_after"] == 0 and case["placeholders_after"] == 0, case
 
