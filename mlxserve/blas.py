@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import mmap
 import os
@@ -176,17 +177,21 @@ def _address(array: Any) -> int:
 _MADV_DONTNEED = 4  # Linux's value on every architecture MLX runs on
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
 def release_pages(array: Any) -> None:
     """Hand the kernel back the whole pages of a buffer nothing will read (a placeholder): it stays
     allocated, reads as zeros if ever read, and holds no memory."""
     view = np.asarray(array)
     start, end = view.ctypes.data, view.ctypes.data + view.nbytes
     first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        if libc.madvise(first, last - first, _MADV_DONTNEED) != 0:
-            raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed on a placeholder's pages")
+    if last > first and _libc().madvise(first, last - first, _MADV_DONTNEED) != 0:
+        raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed on a placeholder's pages")
 
 
 def register_quantized(dense: Any, q: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int,
