@@ -135,6 +135,13 @@ def preload_openblas() -> str | None:
         return None
     found = ctypes.util.find_library("openblas")
     candidates = [choice] if choice != "auto" else [*_CANDIDATES, *([found] if found else [])]
+    cpus = usable_cpus()
+    # OpenBLAS reads these once, when it first loads (the trial load below included).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(cpus))
+    # OpenBLAS's idle threads spin calling sched_yield for 2^28 cycles after each product by
+    # default: between the attention products of a step one kept half of a two-core machine busy
+    # and took it from MLX's and the shim's threads. 2^4: they sleep at once.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     for path in candidates:
         if not path or not (Path(path).exists() or "/" not in path):
             continue
@@ -142,12 +149,6 @@ def preload_openblas() -> str | None:
             ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)  # loads at all? (then it is made global below)
         except OSError:
             continue
-        cpus = usable_cpus()
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", str(cpus))  # read when OpenBLAS loads
-        # OpenBLAS's idle threads spin calling sched_yield for 2^28 cycles after each product by
-        # default: between the attention products of a step they kept the scheduler busy (a sixth
-        # of a prompt's CPU time here) and took cores from the shim's threads. 2^4: they sleep at once.
-        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
         # The shim goes first, so that MLX binds to its cblas_sgemm rather than OpenBLAS's.
         wanted = os.environ.get("MLXSERVE_BLAS_SHIM", "on") != "off"
         built = _build_shim() if wanted else "MLXSERVE_BLAS_SHIM=off"

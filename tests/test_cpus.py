@@ -57,3 +57,22 @@ def test_a_process_pinned_to_one_cpu_sizes_openblas_and_the_shim_to_one():
     result = json.loads(out.stdout)
     assert result["openblas"] in (None, "1")  # None: no OpenBLAS on this machine
     assert result["helpers"] == 0
+
+
+@pytest.mark.skipif(not HAS_AFFINITY or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_openblas_itself_runs_the_threads_it_was_told_to():
+    """OpenBLAS reads its settings once, when it loads: they must be set before the first load, or
+    it sizes its pool by the host's cores (and its idle threads spin for 2^28 cycles)."""
+    code = textwrap.dedent("""
+        import ctypes, json
+        from mlxserve import blas
+        blas.usable_cpus = lambda: 1  # as a cgroup quota of one CPU would, which OpenBLAS cannot see
+        path = blas.preload_openblas()
+        threads = ctypes.CDLL(path).openblas_get_num_threads() if path else None
+        print(json.dumps({"threads": threads}))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    import json
+
+    assert json.loads(out.stdout)["threads"] in (None, 1)  # None: no OpenBLAS on this machine
