@@ -175,10 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     import_ = commands.add_parser(
         "import", help="convert a GGUF file into an MLX model",
-        description="Convert a llama-family GGUF file (tensors F32, F16, Q8_0, Q4_0 or Q4_1) into an MLX "
-                    "model directory with its tokenizer and chat template. Quantized weights stay quantized.")
+        description="Convert a GGUF file (llama, Mistral, Qwen 2/3, Phi-3, Gemma 2/3; any type gguf-py reads: "
+                    "Q4_K_M, Q5_K_M, Q6_K, Q8_0, IQ types, F16, BF16 ...) into an MLX model directory with its "
+                    "tokenizer and chat template. Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K and Q8_0 weights keep their "
+                    "integers exactly (5-bit ones as 8-bit); other quantized types become 4-bit (at most 4.5 bits "
+                    "per weight) or 8-bit; float weights stay float.")
     import_.add_argument("file", type=Path, metavar="FILE.gguf")
     import_.add_argument("--name", help="model id (default: the file name without .gguf, lower-case)")
+    import_.add_argument("--bits", type=int, choices=(2, 3, 4, 5, 6, 8),
+                         help="quantize every weight to this many bits instead (float ones included)")
+    import_.add_argument("--group-size", type=int, choices=(32, 64, 128),
+                         help="weights sharing a scale (default 32, llama.cpp's block)")
     import_.add_argument("--force", action="store_true", help="replace a model of the same name")
     _add_home(import_)
 
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "pull":
             disk.pull(settings, args.reference, args.name)
         elif args.command == "import":
-            disk.import_gguf(settings, args.file, args.name, args.force)
+            disk.import_gguf(settings, args.file, args.name, args.force, args.bits, args.group_size)
         elif args.command == "rm":
             disk.rm(settings, args.name, running.client_for(settings, args))
         elif args.command == "ps":

@@ -59,7 +59,8 @@ def pull(settings: Settings, reference: str, name: str | None) -> None:
     print(target)
 
 
-def import_gguf(settings: Settings, file: Path, name: str | None, force: bool) -> None:
+def import_gguf(settings: Settings, file: Path, name: str | None, force: bool, bits: int | None = None,
+                group_size: int | None = None) -> None:
     from mlxserve.engine.bundled import conversion_progress
     from mlxserve.engine.gguf import convert_gguf
     from mlxserve.engine.install import exists_error
@@ -71,7 +72,7 @@ def import_gguf(settings: Settings, file: Path, name: str | None, force: bool) -
         raise exists_error(target.name)
     print(f"Converting {file.name} to MLX in {target}…", file=sys.stderr)
     convert_gguf(file, target, progress=conversion_progress(lambda line: print(line, file=sys.stderr)),
-                 replace=force)
+                 replace=force, bits=bits, group_size=group_size)
     print(target)
 
 

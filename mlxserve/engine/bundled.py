@@ -56,9 +56,15 @@ BUNDLED: dict[str, BundledModel] = {
 
 
 def conversion_progress(report: Report) -> Callable[[int, int], None]:
+    """A line each time a conversion (measured in bytes of the source file) passes another tenth."""
+    reported = -1
+
     def progress(done: int, total: int) -> None:
-        if done == total or done % max(1, total // 10) == 0:
-            report(f"  converting tensors: {done}/{total}")
+        nonlocal reported
+        tenth = done * 10 // max(1, total)
+        if tenth > reported:
+            reported = tenth
+            report(f"  converting tensors: {tenth * 10}% ({done / 2**20:.0f} of {total / 2**20:.0f} MiB)")
 
     return progress
 

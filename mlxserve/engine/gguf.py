@@ -1,227 +1,290 @@
-"""Convert a GGUF file (llama.cpp's format) into an mlx-lm model directory.
+"""Convert a GGUF file (llama.cpp's format) into an mlx-lm model directory, one tensor at a time.
 
-`mx.load` reads GGUF natively, including Q4_0, Q4_1 and Q8_0 tensors, which it
-returns as MLX affine-quantized triples (weight, scales, biases) with group
-size 32. The conversion therefore keeps the quantized weights bit for bit; it
-only renames tensors, undoes llama.cpp's rotary permutation of the query and
-key rows, and writes the config and tokenizer files mlx-lm expects.
+What maps GGUF to Hugging Face is reused rather than written again: the config keys of each
+architecture come from transformers' GGUF integration, the tensor names from gguf-py's table
+(the one llama.cpp's own converter names them with), matched against the parameters of the
+mlx-lm class that will run the model; the tokenizer from transformers' converters
+(engine/gguf_tokenizer.py). What is left here is what mlx-lm's classes need beyond that:
+llama.cpp's rotary permutation of llama's Q/K rows, Gemma's norms stored plus one, a few config
+keys transformers leaves to its own classes' defaults.
+
+Tensors are read memory-mapped by gguf-py, converted one at a time (engine/gguf_tensors.py) and
+written in shards of at most SHARD_BYTES, so the memory a conversion needs does not grow with the
+model. An architecture mlx-lm cannot run, a tensor it has no place for, or a type nothing reads
+is refused, by name, before anything is written.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
+from mlxserve.engine.gguf_tensors import Converted, Target, convert_tensor, readable
 from mlxserve.engine.gguf_tokenizer import write_tokenizer_files
 from mlxserve.engine.install import installing
 from mlxserve.protocol import ConversionError
 
-GROUP_SIZE = 32
+# transformers (for its GGUF maps) says at import that PyTorch is missing: nothing here needs it
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 ProgressFn = Callable[[int, int], None]
+SHARD_BYTES = 1 << 30
 
-# GGUF tensor-name stems to mlx-lm module paths, per architecture. A new
-# architecture is one more entry here plus its config builder below.
-_LLAMA_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "ffn_norm": "post_attention_layernorm",
-}
-_LLAMA_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
 
-# Tensor types that `mx.load` turns into MLX arrays without loss (quantized ones
-# as affine triples). It also reads BF16, but as float16, which can overflow.
-SUPPORTED_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
+def _gemma2(metadata: dict[str, Any], arch: str) -> dict[str, Any]:
+    head_dim = metadata.get(f"{arch}.attention.key_length")
+    return {"attn_logit_softcapping": metadata.get(f"{arch}.attn_logit_softcapping", 50.0),
+            "final_logit_softcapping": metadata.get(f"{arch}.final_logit_softcapping", 30.0),
+            # llama.cpp scales queries by head_dim^-0.5 for every Gemma 2 but the 27B (hidden / heads)
+            "query_pre_attn_scalar": head_dim if head_dim else 144.0}
+
+
+def _gemma3(metadata: dict[str, Any], arch: str) -> dict[str, Any]:
+    head_dim = metadata.get(f"{arch}.attention.key_length")
+    return {"query_pre_attn_scalar": head_dim, "rope_local_base_freq": 10000.0, "sliding_window_pattern": 6}
 
 
 @dataclass(frozen=True)
-class GGUFModel:
-    """What a GGUF file holds once read: tensors and metadata."""
+class Architecture:
+    """How a GGUF architecture becomes an mlx-lm model."""
 
-    tensors: dict[str, mx.array]
+    config_key: str  # transformers' GGUF_CONFIG_MAPPING entry
+    model_type: str  # mlx-lm's
+    hf_class: str  # config.json's "architectures", as the model's own repository names it
+    rotary_permuted: bool = False  # llama.cpp interleaved each head's Q/K rows for its rotation
+    norms_plus_one: bool = False  # llama.cpp stored the norm weights + 1 (Gemma's norms compute with 1 + w)
+    extra: Callable[[dict[str, Any], str], dict[str, Any]] = lambda metadata, arch: {}
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("llama", "llama", "LlamaForCausalLM", rotary_permuted=True),
+    "qwen2": Architecture("qwen2", "qwen2", "Qwen2ForCausalLM"),
+    "qwen3": Architecture("qwen3", "qwen3", "Qwen3ForCausalLM"),
+    "phi3": Architecture("phi3", "phi3", "Phi3ForCausalLM"),
+    "gemma2": Architecture("gemma2", "gemma2", "Gemma2ForCausalLM", norms_plus_one=True, extra=_gemma2),
+    "gemma3": Architecture("gemma3", "gemma3_text", "Gemma3ForCausalLM", norms_plus_one=True, extra=_gemma3),
+}
+
+
+@dataclass
+class GGUFFile:
+    """A GGUF file's metadata (plain Python values) and its tensors, memory-mapped by gguf-py."""
+
+    path: Path
     metadata: dict[str, Any]
+    tensors: list[Any] = field(repr=False)
 
-    def scalar(self, key: str, default: Any = None) -> Any:
-        value = self.metadata.get(key, default)
-        if isinstance(value, mx.array):
-            return value.item()
-        return value
+    @classmethod
+    def open(cls, path: Path) -> GGUFFile:
+        from gguf import GGUFReader
+
+        try:
+            reader = GGUFReader(path)
+        except (ValueError, OSError, KeyError) as exc:
+            raise ConversionError(f"{path.name} is not a readable GGUF file: {exc}") from exc
+        metadata = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+        return cls(path, metadata, list(reader.tensors))
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture"))
 
 
-def check_tensor_types(path: Path) -> None:
-    """Refuse a file with tensor types mlxserve cannot import, naming them.
+def _architecture(gguf: GGUFFile) -> Architecture:
+    arch = ARCHITECTURES.get(gguf.architecture)
+    if arch is None:
+        raise ConversionError(f"GGUF architecture {gguf.architecture!r} is not supported; supported: "
+                              f"{', '.join(sorted(ARCHITECTURES))}")
+    return arch
 
-    Read from the header with gguf-py (llama.cpp's own reader, memory-mapped), because
-    `mx.load` only says that a conversion failed.
+
+def build_config(gguf: GGUFFile) -> dict[str, Any]:
+    """The config.json of the model (without quantization and token ids), from transformers' key map."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    arch, name = _architecture(gguf), gguf.architecture
+    config: dict[str, Any] = {"model_type": arch.model_type, "architectures": [arch.hf_class]}
+    for key, hf_key in GGUF_CONFIG_MAPPING[arch.config_key].items():
+        if hf_key is not None and f"{name}.{key}" in gguf.metadata:
+            config[hf_key] = gguf.metadata[f"{name}.{key}"]
+    # The head size is the key length; rope.dimension_count (which transformers maps for llama) can be a
+    # partial rotation. Always stated: some mlx-lm classes default it to one checkpoint's value.
+    config["head_dim"] = gguf.metadata.get(f"{name}.attention.key_length",
+                                           config["hidden_size"] // config["num_attention_heads"])
+    config.setdefault("num_key_value_heads", config["num_attention_heads"])
+    config.setdefault("vocab_size", len(gguf.metadata["tokenizer.ggml.tokens"]))
+    if "rms_norm_eps" in config:  # stored as float32: 1e-5, not 9.99999974738e-06
+        config["rms_norm_eps"] = float(f"{config['rms_norm_eps']:.6g}")
+    config["tie_word_embeddings"] = all(t.name != "output.weight" for t in gguf.tensors)
+    config.update(arch.extra(gguf.metadata, name))
+    return config
+
+
+def _model_layout(config: dict[str, Any]) -> tuple[list[str], set[str]]:
+    """The parameter names of the mlx-lm class for `config`, and its modules MLX quantizes (Linear and
+    Embedding layers). Nothing is computed: MLX arrays are lazy."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    try:
+        model_class, args_class = _get_classes(config)
+        model = model_class(args_class.from_dict(config))
+    except (ValueError, TypeError, KeyError, ImportError) as exc:
+        raise ConversionError(f"mlx-lm cannot build a {config['model_type']!r} model from this file: {exc}") from exc
+    quantizable = {path for path, module in model.named_modules() if hasattr(module, "to_quantized")}
+    return [name for name, _ in tree_flatten(model.parameters())], quantizable
+
+
+def tensor_names(gguf: GGUFFile, parameters: list[str]) -> dict[str, str]:
+    """GGUF tensor name -> mlx-lm parameter name, through gguf-py's table of both namings.
+
+    Refuses a file with a tensor the model has no place for (it would otherwise be silently dropped).
     """
-    from gguf import GGUFReader
+    import gguf as gguf_py
 
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise ConversionError(f"{path.name} is not a readable GGUF file: {exc}") from exc
-    unsupported: dict[str, list[str]] = {}
-    for tensor in reader.tensors:
-        if tensor.tensor_type.name not in SUPPORTED_TYPES:
-            unsupported.setdefault(tensor.tensor_type.name, []).append(tensor.name)
-    if unsupported:
-        found = "; ".join(f"{t} ({len(names)} tensors, e.g. {names[0]})" for t, names in unsupported.items())
-        raise ConversionError(
-            f"{path.name} has tensor types mlxserve cannot import: {found}. Supported: "
-            f"{', '.join(SUPPORTED_TYPES)}; use a GGUF quantized to one of those (e.g. Q4_0, Q8_0), "
-            "or an MLX model from the Hugging Face Hub (`mlxserve pull`).")
-
-
-def read_gguf(path: Path) -> GGUFModel:
-    check_tensor_types(path)
-    try:
-        tensors, metadata = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError) as exc:
-        raise ConversionError(f"cannot read {path.name}: {exc}") from exc
-    return GGUFModel(tensors, metadata)
+    kinds = {value: key for key, value in gguf_py.MODEL_ARCH_NAMES.items()}
+    blocks = int(gguf.metadata.get(f"{gguf.architecture}.block_count", 0))
+    table = gguf_py.get_tensor_name_map(kinds[gguf.architecture], blocks)
+    names: dict[str, str] = {}
+    for parameter in parameters:
+        gguf_name = table.get_name(parameter, try_suffixes=(".weight", ".bias"))
+        if gguf_name is not None:
+            names[gguf_name] = parameter
+    unplaced = [t.name for t in gguf.tensors if t.name not in names]
+    if unplaced:
+        raise ConversionError(f"{gguf.path.name} has tensors mlx-lm's {gguf.architecture} model has no place for: "
+                              f"{', '.join(unplaced[:5])}{' …' if len(unplaced) > 5 else ''}")
+    return names
 
 
 def _unpermute_rows(array: mx.array, n_heads: int) -> mx.array:
     """Undo llama.cpp's interleaving of the rotary halves in Q/K output rows.
 
-    llama.cpp stores each head's rows as (pairs, 2) so that its RoPE can rotate
-    adjacent elements; mlx-lm's llama uses the Hugging Face layout of two halves.
-    Rows are output features, and quantization groups run along the input
-    features, so permuting rows of weight, scales and biases is exact.
+    llama.cpp stores each head's rows as (pairs, 2) so that its RoPE rotates adjacent elements;
+    mlx-lm's llama rotates two halves. Quantization groups run along a row, so permuting the rows
+    of weight, scales and biases is exact.
     """
-    rows = array.shape[0]
-    rest = array.shape[1:]
-    head_rows = rows // n_heads
-    return (
-        array.reshape(n_heads, head_rows // 2, 2, *rest)
-        .swapaxes(1, 2)
-        .reshape(rows, *rest)
-    )
+    rows, rest = array.shape[0], array.shape[1:]
+    return array.reshape(n_heads, rows // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
 
 
-def _llama_config(gguf: GGUFModel) -> dict[str, Any]:
-    arch = "llama"
-    hidden = gguf.scalar(f"{arch}.embedding_length")
-    n_heads = gguf.scalar(f"{arch}.attention.head_count")
-    vocab = gguf.scalar(f"{arch}.vocab_size") or len(gguf.metadata["tokenizer.ggml.tokens"])
-    config: dict[str, Any] = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden,
-        "intermediate_size": gguf.scalar(f"{arch}.feed_forward_length"),
-        "num_hidden_layers": gguf.scalar(f"{arch}.block_count"),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": gguf.scalar(f"{arch}.attention.head_count_kv", n_heads),
-        # GGUF stores float32; round away the float32 noise (1e-5, not 9.99e-06).
-        "rms_norm_eps": float(f'{gguf.scalar(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5):.6g}'),
-        "rope_theta": gguf.scalar(f"{arch}.rope.freq_base", 10000.0),
-        "max_position_embeddings": gguf.scalar(f"{arch}.context_length", 4096),
-        "vocab_size": vocab,
-        "tie_word_embeddings": "output.weight" not in gguf.tensors,
-    }
-    head_dim = gguf.scalar(f"{arch}.attention.key_length")
-    if head_dim and head_dim != hidden // n_heads:
-        config["head_dim"] = head_dim
-    return config
+class _ShardWriter:
+    """Safetensors shards of at most SHARD_BYTES, named as mlx-lm and Hugging Face name them."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.pending: dict[str, mx.array] = {}
+        self.pending_bytes = 0
+        self.files: list[dict[str, mx.array] | list[str]] = []
+        self.count = 0
+
+    def add(self, name: str, array: mx.array) -> None:
+        if self.pending and self.pending_bytes + array.nbytes > SHARD_BYTES:
+            self.flush()
+        self.pending[name] = array
+        self.pending_bytes += array.nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        self.count += 1
+        mx.save_safetensors(str(self.directory / f"part-{self.count}.safetensors"), self.pending,
+                            metadata={"format": "mlx"})
+        self.files.append(sorted(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self, total_bytes: int) -> None:
+        self.flush()
+        if self.count == 1:
+            (self.directory / "part-1.safetensors").rename(self.directory / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self.files, start=1):
+            final = f"model-{i:05d}-of-{self.count:05d}.safetensors"
+            (self.directory / f"part-{i}.safetensors").rename(self.directory / final)
+            weight_map |= {name: final for name in names}
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _llama_name(gguf_name: str) -> str:
-    stem, _, suffix = gguf_name.rpartition(".")
-    if stem.startswith("blk."):
-        _, layer, part = stem.split(".", 2)
-        if part not in _LLAMA_LAYER_NAMES:
-            raise ConversionError(f"unexpected tensor {gguf_name!r} in a llama GGUF")
-        return f"model.layers.{layer}.{_LLAMA_LAYER_NAMES[part]}.{suffix}"
-    if stem not in _LLAMA_GLOBAL_NAMES:
-        raise ConversionError(f"unexpected tensor {gguf_name!r} in a llama GGUF")
-    return f"{_LLAMA_GLOBAL_NAMES[stem]}.{suffix}"
+def _check_types(gguf: GGUFFile) -> None:
+    unreadable: dict[str, list[str]] = {}
+    for tensor in gguf.tensors:
+        if not readable(tensor.tensor_type):
+            unreadable.setdefault(tensor.tensor_type.name, []).append(tensor.name)
+    if unreadable:
+        found = "; ".join(f"{t} ({len(names)} tensors, e.g. {names[0]})" for t, names in unreadable.items())
+        raise ConversionError(f"{gguf.path.name} has tensor types nothing here can read: {found}. Use another "
+                              "quantization of the model (Q4_K_M, Q6_K and Q8_0 all convert), or an MLX model "
+                              "from the Hugging Face Hub (`mlxserve pull`).")
 
 
-@dataclass(frozen=True)
-class _Architecture:
-    config: Callable[[GGUFModel], dict[str, Any]]
-    tensor_name: Callable[[str], str]
-
-
-ARCHITECTURES: dict[str, _Architecture] = {
-    "llama": _Architecture(config=_llama_config, tensor_name=_llama_name),
-}
-
-
-def _convert_tensors(
-    gguf: GGUFModel, arch: _Architecture, config: dict[str, Any], progress: ProgressFn | None
-) -> tuple[dict[str, mx.array], dict[str, Any]]:
-    """Rename tensors, un-permute Q/K rows, and describe per-module quantization."""
-    heads = {
-        "self_attn.q_proj": config["num_attention_heads"],
-        "self_attn.k_proj": config["num_key_value_heads"],
-    }
-    weights: dict[str, mx.array] = {}
-    quantization: dict[str, Any] = {}
-    names = sorted(gguf.tensors)
-    for done, gguf_name in enumerate(names, start=1):
-        name = arch.tensor_name(gguf_name)
-        array = gguf.tensors[gguf_name]
-        module = name.rpartition(".")[0]
-        for proj, n_heads in heads.items():
-            if module.endswith(proj):
-                array = _unpermute_rows(array, n_heads)
-        if name.endswith(".weight") and array.dtype == mx.uint32:
-            scales = gguf.tensors[gguf_name.replace(".weight", ".scales")]
-            in_features = scales.shape[-1] * GROUP_SIZE
-            bits = array.shape[-1] * 32 // in_features
-            quantization[module] = {"group_size": GROUP_SIZE, "bits": bits}
-        weights[name] = array
-        if progress:
-            progress(done, len(names))
-    return weights, quantization
-
-
-def convert_gguf(
-    gguf_path: Path, out_dir: Path, progress: ProgressFn | None = None, replace: bool = True
-) -> Path:
+def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressFn | None = None, replace: bool = True,
+                 bits: int | None = None, group_size: int | None = None) -> Path:
     """Write an mlx-lm model directory for `gguf_path` at `out_dir`.
 
-    The directory appears atomically (engine/install.py), so a crash half-way never leaves a model
-    that looks complete. Raises ConversionError for an architecture, tokenizer or tensor type that
-    mlxserve does not convert, or when `out_dir` exists and `replace` is not set.
+    `bits` and `group_size` quantize every quantizable weight that way (None: by the source type,
+    engine/gguf_tensors.py). The directory appears atomically (engine/install.py), so a crash half-way
+    never leaves a model that looks complete. Raises ConversionError for what it cannot convert, or when
+    `out_dir` exists and `replace` is not set.
     """
-    gguf = read_gguf(gguf_path)
-    arch_name = gguf.scalar("general.architecture")
-    if arch_name not in ARCHITECTURES:
-        raise ConversionError(
-            f"GGUF architecture {arch_name!r} is not supported; "
-            f"supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
-    arch = ARCHITECTURES[arch_name]
-    config = arch.config(gguf)
-    weights, quantization = _convert_tensors(gguf, arch, config, progress)
-    if quantization:
-        # mlx-lm reads a default plus per-module exceptions (GGUF files often
-        # keep the embedding at 8 bits while the rest is 4).
-        bits = Counter(q["bits"] for q in quantization.values()).most_common(1)[0][0]
-        exceptions = {m: q for m, q in quantization.items() if q["bits"] != bits}
-        config["quantization"] = {"group_size": GROUP_SIZE, "bits": bits, **exceptions}
+    gguf = GGUFFile.open(gguf_path)
+    arch = _architecture(gguf)
+    _check_types(gguf)
+    config = build_config(gguf)
+    parameters, quantizable = _model_layout(config)
+    names = tensor_names(gguf, parameters)
+    target = Target(bits, group_size)
+    heads = {"self_attn.q_proj": config["num_attention_heads"], "self_attn.k_proj": config["num_key_value_heads"]}
 
+    total = sum(int(t.n_bytes) for t in gguf.tensors)
+    done = 0
+    quantization: dict[str, dict[str, int]] = {}
+    written = 0
     with installing(out_dir.parent, out_dir.name, replace=replace) as tmp:
-        special = write_tokenizer_files(gguf, tmp)
+        special = write_tokenizer_files(gguf.metadata, tmp, config.get("max_position_embeddings", 4096))
+        shards = _ShardWriter(tmp)
+        for tensor in gguf.tensors:
+            name = names[tensor.name]
+            module, _, suffix = name.rpartition(".")
+            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+            converted: Converted = convert_tensor(tensor.tensor_type, tensor.data, shape, target,
+                                                  suffix == "weight" and module in quantizable)
+            arrays = converted.arrays
+            if arch.rotary_permuted:
+                for proj, n_heads in heads.items():
+                    if module.endswith(proj):
+                        arrays = {k: _unpermute_rows(v, n_heads) for k, v in arrays.items()}
+            if arch.norms_plus_one and module.endswith("norm") and suffix == "weight":
+                arrays = {"weight": arrays["weight"] - 1}
+            if converted.bits is not None:
+                quantization[module] = {"group_size": converted.group_size, "bits": converted.bits}
+                for part, array in arrays.items():
+                    shards.add(f"{module}.{part}", array)
+            else:
+                shards.add(name, arrays["weight"])
+            written += sum(a.nbytes for a in arrays.values())
+            done += int(tensor.n_bytes)
+            if progress:
+                progress(done, total)
+        shards.finish(written)
+        if quantization:
+            config["quantization"] = _quantization_config(quantization)
         config.update(special)
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
+
+
+def _quantization_config(per_module: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """mlx-lm's form: the most common setting, plus the modules quantized otherwise (GGUF files often keep
+    the embedding or output layer at more bits than the rest)."""
+    common = Counter(json.dumps(q, sort_keys=True) for q in per_module.values()).most_common(1)[0][0]
+    default = json.loads(common)
+    return {**default, **{m: q for m, q in per_module.items() if q != default}}

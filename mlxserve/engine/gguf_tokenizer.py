@@ -1,130 +1,69 @@
-"""Rebuild a Hugging Face tokenizer (tokenizer.json + tokenizer_config.json) from GGUF metadata.
+"""A GGUF file's tokenizer as tokenizer.json and tokenizer_config.json, for mlx-lm.
 
-GGUF files carry the vocabulary, merges, token types, special token ids and
-chat template; the `tokenizers` library turns those back into the fast
-tokenizer that mlx-lm loads through transformers.
+The vocabulary, merges, token types and pre-tokenizer name are turned into a fast tokenizer by
+transformers' own GGUF converters (byte-level BPE, SentencePiece with its per-model fixes, Unigram);
+this module only feeds them the metadata (their own reader needs PyTorch, which mlxserve does not
+install) and writes what mlx-lm reads: special tokens, whether to add BOS, the chat template, and
+every id that ends a turn.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import processors
 
 from mlxserve.protocol import ConversionError
 
-if TYPE_CHECKING:
-    from mlxserve.engine.gguf import GGUFModel
 
-# llama.cpp's token types (llama_token_type).
-_CONTROL = 3
-_USER_DEFINED = 4
+def _tokenizer_fields(metadata: dict[str, Any]) -> dict[str, Any]:
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
 
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+    return {name: metadata[f"tokenizer.{key}"] for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+            if f"tokenizer.{key}" in metadata}
 
 
-def _gpt2_pre() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+def _add_bos(metadata: dict[str, Any]) -> bool:
+    # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
+    return bool(metadata.get("tokenizer.ggml.add_bos_token", metadata.get("tokenizer.ggml.model") == "llama"))
 
 
-def _digits_then_gpt2_pre() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), _gpt2_pre()]
-    )
-
-
-def _llama3_pre() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-
-
-# `tokenizer.ggml.pre` names (llama.cpp's pre-tokenizer types) to HF pre-tokenizers.
-PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
-    "default": _gpt2_pre,
-    "gpt-2": _gpt2_pre,
-    "smollm": _digits_then_gpt2_pre,
-    "starcoder": _digits_then_gpt2_pre,
-    "llama-bpe": _llama3_pre,
-    "llama3": _llama3_pre,
-}
-
-
-def _bpe_tokenizer(gguf: GGUFModel) -> Tokenizer:
-    tokens: list[str] = gguf.metadata["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in gguf.metadata.get("tokenizer.ggml.merges", [])]
-    pre = gguf.scalar("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
-        raise ConversionError(
-            f"GGUF pre-tokenizer {pre!r} is not supported; "
-            f"supported: {', '.join(sorted(PRE_TOKENIZERS))}"
-        )
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre]()
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
-
-
-def _special_token_names(gguf: GGUFModel) -> dict[str, str]:
-    tokens = gguf.metadata["tokenizer.ggml.tokens"]
-    names = {}
-    for role in ("bos", "eos", "unknown", "padding"):
-        token_id = gguf.scalar(f"tokenizer.ggml.{role}_token_id")
-        if token_id is not None:
-            key = {"unknown": "unk", "padding": "pad"}.get(role, role)
-            names[f"{key}_token"] = tokens[token_id]
-    return names
-
-
-def _stop_token_ids(gguf: GGUFModel) -> list[int]:
+def _stop_token_ids(metadata: dict[str, Any]) -> list[int]:
     """Every id the model declares as ending a turn or the sequence."""
-    ids = []
+    ids: list[int] = []
     for role in ("eos", "eot", "eom"):
-        token_id = gguf.scalar(f"tokenizer.ggml.{role}_token_id")
+        token_id = metadata.get(f"tokenizer.ggml.{role}_token_id")
         if token_id is not None and token_id not in ids:
-            ids.append(token_id)
+            ids.append(int(token_id))
     return ids
 
 
-def write_tokenizer_files(gguf: GGUFModel, out_dir: Path) -> dict[str, Any]:
-    """Write tokenizer.json and tokenizer_config.json into `out_dir`.
+def write_tokenizer_files(metadata: dict[str, Any], out_dir: Path, max_length: int) -> dict[str, Any]:
+    """Write tokenizer.json and tokenizer_config.json into `out_dir`; returns the token ids for config.json."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
-    Returns the special-token ids that belong in the model's config.json.
-    """
-    model = gguf.scalar("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ConversionError(
-            f"GGUF tokenizer model {model!r} is not supported; supported: 'gpt2' (byte-level BPE)"
-        )
-    tokenizer = _bpe_tokenizer(gguf)
-    tokens: list[str] = gguf.metadata["tokenizer.ggml.tokens"]
-    types = gguf.metadata.get("tokenizer.ggml.token_type")
-    type_list = types.tolist() if types is not None else []
-    added = [
-        AddedToken(tokens[i], special=(t == _CONTROL), normalized=False)
-        for i, t in enumerate(type_list)
-        if t in (_CONTROL, _USER_DEFINED)
-    ]
-    tokenizer.add_tokens(added)
-
-    specials = _special_token_names(gguf)
-    add_bos = bool(gguf.scalar("tokenizer.ggml.add_bos_token", False))
-    if add_bos and "bos_token" in specials:
-        bos = specials["bos_token"]
-        bos_id = gguf.scalar("tokenizer.ggml.bos_token_id")
+    fields = _tokenizer_fields(metadata)
+    if "tokens" not in fields:
+        raise ConversionError("the GGUF file has no tokenizer (tokenizer.ggml.tokens)")
+    try:
+        tokenizer, _ = convert_gguf_tokenizer(str(metadata.get("general.architecture")), fields)
+    except (ValueError, KeyError) as exc:
+        raise ConversionError(f"cannot rebuild the GGUF file's tokenizer: {exc}") from exc
+    tokens = fields["tokens"]
+    specials = {}
+    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+        token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None and 0 <= token_id < len(tokens):
+            specials[name] = tokens[token_id]
+    add_bos = _add_bos(metadata) and "bos_token" in specials
+    if add_bos:
+        bos, bos_id = specials["bos_token"], int(metadata["tokenizer.ggml.bos_token_id"])
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
-        )
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    else:
+        tokenizer.post_processor = None
     tokenizer.save(str(out_dir / "tokenizer.json"))
 
     tokenizer_config: dict[str, Any] = {
@@ -132,16 +71,15 @@ def write_tokenizer_files(gguf: GGUFModel, out_dir: Path) -> dict[str, Any]:
         "add_bos_token": add_bos,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": gguf.scalar("llama.context_length", 4096),
+        "model_max_length": max_length,
         **specials,
     }
-    template = gguf.metadata.get("tokenizer.chat_template")
+    template = metadata.get("tokenizer.chat_template")
     if template:
         tokenizer_config["chat_template"] = template
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
-    ids: dict[str, Any] = {"eos_token_id": _stop_token_ids(gguf)}
-    bos_id = gguf.scalar("tokenizer.ggml.bos_token_id")
-    if bos_id is not None:
-        ids["bos_token_id"] = bos_id
+    ids: dict[str, Any] = {"eos_token_id": _stop_token_ids(metadata)}
+    if metadata.get("tokenizer.ggml.bos_token_id") is not None:
+        ids["bos_token_id"] = int(metadata["tokenizer.ggml.bos_token_id"])
     return ids

@@ -1,4 +1,5 @@
-"""`mlxserve import FILE.gguf`: every tensor type mx.load reads, kept exactly; others refused by name."""
+"""`mlxserve import FILE.gguf`: types MLX can hold as they are kept exactly, others converted; a type nothing
+reads, refused by name before anything is written."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from tests.fixtures.cli import mlxserve
-from tests.fixtures.gguf_rewrite import quantized
+from tests.fixtures.gguf_rewrite import quantized, rewrite_gguf
 from tests.fixtures.tiny_gguf import write_tiny_gguf
 
-BITS = {"F32": None, "F16": None, "Q8_0": 8, "Q4_0": 4, "Q4_1": 4}
+BITS = {"F32": None, "F16": None, "Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 8, "Q5_1": 8}
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +50,14 @@ def test_import_keeps_each_tensor_type_exactly(f32_gguf: Path, tmp_path: Path, t
     assert listed[0]["id"] == "imported" and listed[0]["architecture"] == "LlamaForCausalLM"
 
 
-@pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1"])
-def test_other_tensor_types_are_refused_by_name(f32_gguf: Path, tmp_path: Path, type_name: str):
-    source = quantized(f32_gguf, tmp_path / "tiny.gguf", type_name)
+def test_a_type_nothing_reads_is_refused_by_name(f32_gguf: Path, tmp_path: Path):
+    def as_integers(name: str, values: np.ndarray):
+        return (values.astype(np.int32), GGMLQuantizationType.I32) if name == "blk.0.ffn_up.weight" else (values, None)
+
+    source = rewrite_gguf(f32_gguf, tmp_path / "tiny.gguf", as_integers)
     result = mlxserve(tmp_path, "import", str(source), check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert type_name in result.stderr and "Q4_0" in result.stderr
+    assert "I32" in result.stderr and "blk.0.ffn_up.weight" in result.stderr and "Q4_K_M" in result.stderr
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
 
@@ -72,3 +75,14 @@ def test_rm_deletes_a_model(f32_gguf: Path, tmp_path: Path):
     assert json.loads(mlxserve(tmp_path, "ls", "--json").stdout) == []
     missing = mlxserve(tmp_path, "rm", "doomed", check=False)
     assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+def test_bits_and_group_size_are_the_users_choice(f32_gguf: Path, tmp_path: Path):
+    result = mlxserve(tmp_path, "import", str(f32_gguf), "--name", "chosen", "--bits", "8", "--group-size", "64")
+    assert "converting tensors: 100%" in result.stderr
+    config = json.loads((tmp_path / "models" / "chosen" / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 64, "bits": 8}
+    original = next(t for t in GGUFReader(f32_gguf).tensors if t.name == "blk.1.ffn_down.weight")
+    expected = dequantize(original.data, original.tensor_type).reshape(64, 128)
+    got = _dequantized(tmp_path / "models" / "chosen", "model.layers.1.mlp.down_proj", config)
+    np.testing.assert_allclose(got, expected, atol=np.abs(expected).max() / 255)
