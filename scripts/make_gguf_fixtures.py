@@ -14,7 +14,12 @@ Run it once in a throwaway environment (it needs xllamacpp, gguf and numpy, not 
     /tmp/llvenv/bin/python scripts/make_gguf_fixtures.py
 
 It writes tests/data/gguf/*.gguf and tests/data/gguf/reference.json: for each file and prompt (token
-ids), the 20 greedy token ids and the log-probability llama.cpp gave each.
+ids, or text that llama.cpp tokenizes), the 20 greedy token ids and the log-probability llama.cpp gave
+each (and for text, how many tokens the prompt was).
+
+`requantize SOURCE DEST TYPE` rewrites a real model's GGUF in TYPE (Q4_K_M, Q6_K or Q8_0) with the same
+quantizer, for scripts/perplexity.py: rows that are no multiple of 256 fall back as llama.cpp's
+own `llama-quantize` makes them fall back (Q4_K to Q5_0, Q6_K to Q8_0).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import xllamacpp
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, TokenType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.fixtures.gguf_rewrite import rewrite_gguf  # noqa: E402  (gguf and numpy only)
 from tests.fixtures.gguf_vocab import byte_tokens  # noqa: E402  (pure Python)
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "gguf"
@@ -56,7 +62,7 @@ def quantize(values: np.ndarray, kind: GGMLQuantizationType) -> np.ndarray:
     return dst
 
 
-def bpe_vocabulary() -> dict:
+def bpe_vocabulary(pre: str = "qwen2") -> dict:
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n"]
     tokens = specials + byte_tokens() + [m.replace(" ", "") for m in merges]
@@ -64,7 +70,7 @@ def bpe_vocabulary() -> dict:
     readable = [len(t) > 1 or 0x20 <= b < 0x7F for t, b in zip(tokens, [0] * len(specials) + list(range(256)) + [
         0x20] * len(merges))]
     readable[:len(specials)] = [False] * len(specials)
-    return {"model": "gpt2", "pre": "qwen2", "tokens": tokens, "types": types, "merges": merges, "scores": None,
+    return {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "merges": merges, "scores": None,
             "bos": 0, "eos": 2, "add_bos": False, "readable": readable}
 
 
@@ -133,7 +139,15 @@ def q4_k_m(name: str) -> GGMLQuantizationType:
     return T.Q4_K
 
 
-def write(path: Path, arch: str, vocabulary: dict, kind_of, seed: int) -> None:
+def llama3_rope_factors(base: float, factor: float = 8.0) -> np.ndarray:
+    """What llama.cpp's converter stores for Llama 3.1's rope_scaling (factor 8, 1, 4, 8192)."""
+    wavelengths = 2 * np.pi * base ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM)
+    smooth = (8192 / wavelengths - 1) / (4 - 1)
+    return np.where(wavelengths < 8192 / 4, 1.0, np.where(wavelengths > 8192, factor, 1 / ((1 - smooth) / factor
+                                                                                         + smooth))).astype(np.float32)
+
+
+def write(path: Path, arch: str, vocabulary: dict, kind_of, seed: int, llama3: bool = False) -> None:
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(path, arch=arch)
     writer.add_name(f"tiny-{arch}")
@@ -146,10 +160,12 @@ def write(path: Path, arch: str, vocabulary: dict, kind_of, seed: int) -> None:
     writer.add_key_length(HEAD_DIM)
     writer.add_value_length(HEAD_DIM)
     writer.add_rope_dimension_count(HEAD_DIM)
-    writer.add_rope_freq_base(10000.0)
+    base = 500000.0 if llama3 else 10000.0
+    writer.add_rope_freq_base(base)
     writer.add_layer_norm_rms_eps(1e-6)
     if arch.startswith("gemma"):
         writer.add_sliding_window(CONTEXT)
+        writer.add_add_space_prefix(False)  # as llama.cpp's converter writes every Gemma file
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(50.0)
         writer.add_final_logit_softcapping(30.0)
@@ -164,7 +180,10 @@ def write(path: Path, arch: str, vocabulary: dict, kind_of, seed: int) -> None:
     writer.add_bos_token_id(vocabulary["bos"])
     writer.add_eos_token_id(vocabulary["eos"])
     writer.add_add_bos_token(vocabulary["add_bos"])
-    for name, values in _weights(arch, vocabulary["readable"], rng).items():
+    tensors = _weights(arch, vocabulary["readable"], rng)
+    if llama3:
+        tensors["rope_freqs.weight"] = llama3_rope_factors(base)
+    for name, values in tensors.items():
         kind = kind_of(name) if values.ndim == 2 else T.F32
         writer.add_tensor(name, values if kind == T.F32 else quantize(values, kind), raw_dtype=kind)
     writer.write_header_to_file()
@@ -177,6 +196,7 @@ FIXTURES = {  # file name: (architecture, vocabulary, type of each 2-D weight)
     **{f"llama-{k.lower()}": ("llama", bpe_vocabulary, lambda name, k=k: T[k])
        for k in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")},
     "llama-q4_k_m-spm": ("llama", spm_vocabulary, q4_k_m),
+    "llama3-q4_k_m": ("llama", lambda: bpe_vocabulary(pre="llama-bpe"), q4_k_m),
     "qwen2-q4_k_m": ("qwen2", bpe_vocabulary, q4_k_m),
     "qwen3-q4_k_m": ("qwen3", bpe_vocabulary, q4_k_m),
     "phi3-q4_k_m": ("phi3", lambda: spm_vocabulary(phi3=True), q4_k_m),
@@ -184,6 +204,8 @@ FIXTURES = {  # file name: (architecture, vocabulary, type of each 2-D weight)
     "gemma3-q4_k_m": ("gemma3", lambda: spm_vocabulary(gemma=True), q4_k_m),
 }
 PROMPTS = [[5, 60, 61, 70, 80], [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111], [42]]
+# Text prompts, tokenized by llama.cpp: the importer's tokenizer must cut them the same way.
+TEXTS = ["the cat sat on the mat", "Hello,  world!\n  Two spaces, then\ttabs.", "digits 12345 and ünïcödé"]
 
 
 def greedy(path: Path, bos: int, add_bos: bool) -> list[dict]:
@@ -198,11 +220,18 @@ def greedy(path: Path, bos: int, add_bos: bool) -> list[dict]:
                                            "cache_prompt": False, "n_probs": 1, "return_tokens": True,
                                            "ignore_eos": True})
         assert reply["usage"]["prompt_tokens"] == len(ids)  # ids go in as they are, BOS included
-        steps = reply["choices"][0]["logprobs"]["content"]
-        assert len(steps) == MAX_TOKENS, f"{path.name}: a log-probability per token"
-        cases.append({"prompt": ids, "tokens": [s["id"] for s in steps],
-                      "logprobs": [round(s["logprob"], 5) for s in steps]})
+        cases.append({"prompt": ids, **_greedy_steps(reply, path)})
+    for text in TEXTS:
+        reply = server.handle_completions({"prompt": text, "n_predict": MAX_TOKENS, "temperature": 0,
+                                           "cache_prompt": False, "n_probs": 1, "ignore_eos": True})
+        cases.append({"text": text, "prompt_tokens": reply["usage"]["prompt_tokens"], **_greedy_steps(reply, path)})
     return cases
+
+
+def _greedy_steps(reply: dict, path: Path) -> dict:
+    steps = reply["choices"][0]["logprobs"]["content"]
+    assert len(steps) == MAX_TOKENS, f"{path.name}: a log-probability per token"
+    return {"tokens": [s["id"] for s in steps], "logprobs": [round(s["logprob"], 5) for s in steps]}
 
 
 def main() -> None:
@@ -211,11 +240,29 @@ def main() -> None:
     for seed, (name, (arch, vocabulary, kind_of)) in enumerate(FIXTURES.items()):
         path = OUT / f"{name}.gguf"
         vocab = vocabulary()
-        write(path, arch, vocab, kind_of, seed)
+        write(path, arch, vocab, kind_of, seed, llama3=name.startswith("llama3"))
         reference["files"][path.name] = greedy(path, vocab["bos"], vocab["add_bos"])
         print(f"{path.name}: {path.stat().st_size // 1024} KiB", file=sys.stderr)
     (OUT / "reference.json").write_text(json.dumps(reference, indent=1) + "\n")
 
 
+FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+
+
+def requantize(source: Path, dest: Path, type_name: str) -> None:
+    def convert(name: str, values: np.ndarray):
+        if values.ndim != 2:
+            return values, None
+        kind = q4_k_m(name) if type_name == "Q4_K_M" else T[type_name]
+        if values.shape[1] % 256 and kind in FALLBACK:
+            kind = FALLBACK[kind]
+        return quantize(values, kind), kind
+
+    rewrite_gguf(source, dest, convert)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["requantize"]:
+        requantize(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
+    else:
+        main()

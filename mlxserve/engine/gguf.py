@@ -5,8 +5,8 @@ architecture come from transformers' GGUF integration, the tensor names from ggu
 (the one llama.cpp's own converter names them with), matched against the parameters of the
 mlx-lm class that will run the model; the tokenizer from transformers' converters
 (engine/gguf_tokenizer.py). What is left here is what mlx-lm's classes need beyond that:
-llama.cpp's rotary permutation of llama's Q/K rows, Gemma's norms stored plus one, a few config
-keys transformers leaves to its own classes' defaults.
+llama.cpp's rotary permutation of llama's Q/K rows, Llama 3's rotary scaling stored as a tensor,
+Gemma's norms stored plus one, a few config keys transformers leaves to its own classes' defaults.
 
 Tensors are read memory-mapped by gguf-py, converted one at a time (engine/gguf_tensors.py) and
 written in shards of at most SHARD_BYTES, so the memory a conversion needs does not grow with the
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from mlxserve.engine.gguf_tensors import Converted, Target, convert_tensor, readable
 from mlxserve.engine.gguf_tokenizer import write_tokenizer_files
@@ -36,6 +37,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 ProgressFn = Callable[[int, int], None]
 SHARD_BYTES = 1 << 30
+# Tensors llama.cpp's converter makes from a config entry: they go back into the config, not the weights.
+ROPE_FREQS = "rope_freqs.weight"
 
 
 def _gemma2(metadata: dict[str, Any], arch: str) -> dict[str, Any]:
@@ -124,7 +127,31 @@ def build_config(gguf: GGUFFile) -> dict[str, Any]:
         config["rms_norm_eps"] = float(f"{config['rms_norm_eps']:.6g}")
     config["tie_word_embeddings"] = all(t.name != "output.weight" for t in gguf.tensors)
     config.update(arch.extra(gguf.metadata, name))
+    rope_freqs = next((t for t in gguf.tensors if t.name == ROPE_FREQS), None)
+    if rope_freqs is not None:
+        config["rope_scaling"] = _llama3_rope_scaling(np.asarray(rope_freqs.data, dtype=np.float64),
+                                                      config.get("rope_theta", 10000.0), config["head_dim"])
     return config
+
+
+def _llama3_rope_scaling(factors: np.ndarray, base: float, dims: int) -> dict[str, Any]:
+    """The rope_scaling of Llama 3.1 and later, which llama.cpp's converter stores as per-frequency factors.
+
+    Every Llama 3.x release scales with low_freq_factor 1, high_freq_factor 4 and an original context of
+    8192, and its own factor (8, or 32 for 3.2): the factor is the largest stored, and the rest is checked
+    by computing the factors again as the converter does. Anything else is refused rather than guessed.
+    """
+    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    old_context, factor = scaling["original_max_position_embeddings"], scaling["factor"]
+    wavelengths = 2 * np.pi * base ** (np.arange(0, dims, 2) / dims)
+    smooth = (old_context / wavelengths - 1.0) / (4.0 - 1.0)
+    expected = np.where(wavelengths < old_context / 4.0, 1.0,
+                        np.where(wavelengths > old_context / 1.0, factor, 1 / ((1 - smooth) / factor + smooth)))
+    if expected.shape != factors.shape or not np.allclose(expected, factors, rtol=1e-4):
+        raise ConversionError(f"the file's {ROPE_FREQS} is not a Llama 3 rotary scaling this importer recognises "
+                              "(factor, 1, 4, 8192)")
+    return scaling
 
 
 def _model_layout(config: dict[str, Any]) -> tuple[list[str], set[str]]:
@@ -157,7 +184,7 @@ def tensor_names(gguf: GGUFFile, parameters: list[str]) -> dict[str, str]:
         gguf_name = table.get_name(parameter, try_suffixes=(".weight", ".bias"))
         if gguf_name is not None:
             names[gguf_name] = parameter
-    unplaced = [t.name for t in gguf.tensors if t.name not in names]
+    unplaced = [t.name for t in gguf.tensors if t.name not in names and t.name != ROPE_FREQS]
     if unplaced:
         raise ConversionError(f"{gguf.path.name} has tensors mlx-lm's {gguf.architecture} model has no place for: "
                               f"{', '.join(unplaced[:5])}{' …' if len(unplaced) > 5 else ''}")
@@ -252,6 +279,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressFn | None = N
         special = write_tokenizer_files(gguf.metadata, tmp, config.get("max_position_embeddings", 4096))
         shards = _ShardWriter(tmp)
         for tensor in gguf.tensors:
+            done += int(tensor.n_bytes)
+            if tensor.name == ROPE_FREQS:  # in the config already
+                if progress:
+                    progress(done, total)
+                continue
             name = names[tensor.name]
             module, _, suffix = name.rpartition(".")
             shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
@@ -271,7 +303,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressFn | None = N
             else:
                 shards.add(name, arrays["weight"])
             written += sum(a.nbytes for a in arrays.values())
-            done += int(tensor.n_bytes)
             if progress:
                 progress(done, total)
         shards.finish(written)
