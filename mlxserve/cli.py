@@ -174,14 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_home(pull)
 
     import_ = commands.add_parser(
-        "import", help="convert a GGUF file into an MLX model",
+        "import", help="convert a GGUF file, or models from LM Studio's or Ollama's store, into MLX models",
         description="Convert a GGUF file (llama, Mistral, Qwen 2/3, Phi-3, Gemma 2/3; any type gguf-py reads: "
                     "Q4_K_M, Q5_K_M, Q6_K, Q8_0, IQ types, F16, BF16 ...) into an MLX model directory with its "
                     "tokenizer and chat template. Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K and Q8_0 weights keep their "
                     "integers exactly (5-bit ones as 8-bit); other quantized types become 4-bit (at most 4.5 bits "
-                    "per weight) or 8-bit; float weights stay float.")
-    import_.add_argument("file", type=Path, metavar="FILE.gguf")
+                    "per weight) or 8-bit; float weights stay float. Given a folder (LM Studio's ~/.lmstudio/models, "
+                    "Ollama's ~/.ollama/models, or any folder of GGUF files) it lists the models there; --pick or "
+                    "--all imports them under their store's names.")
+    import_.add_argument("source", type=Path, metavar="FILE.gguf|FOLDER")
     import_.add_argument("--name", help="model id (default: the file name without .gguf, lower-case)")
+    import_.add_argument("--pick", action="append", metavar="NAME",
+                         help="from a folder: import this model, as the listing names it (repeat for more)")
+    import_.add_argument("--all", action="store_true", dest="everything",
+                         help="from a folder: import every model of a supported architecture")
     import_.add_argument("--bits", type=int, choices=(2, 3, 4, 5, 6, 8),
                          help="quantize every weight to this many bits instead (float ones included)")
     import_.add_argument("--group-size", type=int, choices=(32, 64, 128),
@@ -294,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "pull":
             disk.pull(settings, args.reference, args.name)
         elif args.command == "import":
-            disk.import_gguf(settings, args.file, args.name, args.force, args.bits, args.group_size)
+            disk.import_gguf(settings, args.source, args.name, args.force, args.bits, args.group_size, args.pick,
+                             args.everything)
         elif args.command == "rm":
             disk.rm(settings, args.name, running.client_for(settings, args))
         elif args.command == "ps":

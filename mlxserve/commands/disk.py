@@ -59,21 +59,78 @@ def pull(settings: Settings, reference: str, name: str | None) -> None:
     print(target)
 
 
-def import_gguf(settings: Settings, file: Path, name: str | None, force: bool, bits: int | None = None,
-                group_size: int | None = None) -> None:
+def import_gguf(settings: Settings, source: Path, name: str | None, force: bool, bits: int | None = None,
+                group_size: int | None = None, picks: list[str] | None = None, everything: bool = False) -> None:
+    """A GGUF file, or the chosen models of a folder of them (LM Studio's, Ollama's store, any)."""
+    if source.is_dir():
+        if name:
+            raise ConversionError("--name names one file's model; from a folder, models keep their store's names")
+        _import_from_store(settings, source, force, bits, group_size, picks or [], everything)
+        return
+    if picks or everything:
+        raise ConversionError("--pick and --all choose among the models of a folder; this is one file")
+    if not source.is_file():
+        raise ConversionError(f"no such file or folder: {source}")
+    print(_import_one(settings, source, name or source.name.removesuffix(".gguf").lower(), force, bits, group_size))
+
+
+def _import_one(settings: Settings, file: Path, name: str, force: bool, bits: int | None,
+                group_size: int | None) -> Path:
     from mlxserve.engine.bundled import conversion_progress
     from mlxserve.engine.gguf import convert_gguf
     from mlxserve.engine.install import exists_error
 
-    if not file.is_file():
-        raise ConversionError(f"no such file: {file}")
-    target = settings.model_directory / check_model_name(name or file.name.removesuffix(".gguf").lower())
+    target = settings.model_directory / check_model_name(name)
     if target.exists() and not force:  # before converting: the install checks again under its lock
         raise exists_error(target.name)
     print(f"Converting {file.name} to MLX in {target}…", file=sys.stderr)
     convert_gguf(file, target, progress=conversion_progress(lambda line: print(line, file=sys.stderr)),
                  replace=force, bits=bits, group_size=group_size)
-    print(target)
+    return target
+
+
+def _architecture(path: Path) -> str:
+    from gguf import GGUFReader
+
+    try:
+        return str(GGUFReader(path).fields["general.architecture"].contents())
+    except (OSError, ValueError, KeyError):
+        return "unreadable"
+
+
+def _import_from_store(settings: Settings, directory: Path, force: bool, bits: int | None, group_size: int | None,
+                       picks: list[str], everything: bool) -> None:
+    from mlxserve.engine.gguf import ARCHITECTURES
+    from mlxserve.engine.gguf_stores import discover
+
+    found = discover(directory)
+    if not found:
+        raise ConversionError(f"no GGUF models in {directory} (LM Studio keeps them under ~/.lmstudio/models, "
+                              "Ollama under ~/.ollama/models)")
+    importable = {f.name: f for f in found if f.skipped is None}
+    architectures = {f.name: _architecture(f.path) for f in importable.values()}
+    if not picks and not everything:
+        rows = [[f.name, human_bytes(f.size_bytes),
+                 f.skipped or (architectures[f.name] if architectures[f.name] in ARCHITECTURES
+                               else f"{architectures[f.name]} (not supported)"), str(f.path)] for f in found]
+        print(table(rows, ["NAME", "SIZE", "ARCHITECTURE", "FILE"]))
+        print(f"\nImport with `mlxserve import {directory} --pick NAME` (repeat --pick for more), or --all.",
+              file=sys.stderr)
+        return
+    unknown = [p for p in picks if p not in importable]
+    if unknown:
+        raise ConversionError(f"not found in {directory}: {', '.join(unknown)}; run `mlxserve import {directory}` "
+                              "to list what is there")
+    chosen = picks or [n for n in importable if architectures[n] in ARCHITECTURES]
+    failed = []
+    for name in chosen:
+        try:
+            print(_import_one(settings, importable[name].path, name, force, bits, group_size))
+        except ConversionError as exc:
+            print(f"{name}: {exc}", file=sys.stderr)
+            failed.append(name)
+    if failed:
+        raise ConversionError(f"{len(failed)} of {len(chosen)} not imported: {', '.join(failed)}")
 
 
 def rm(settings: Settings, name: str, server: AdminClient) -> None:
