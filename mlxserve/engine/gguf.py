@@ -8,7 +8,7 @@ mlx-lm class that will run the model; the tokenizer from transformers' converter
 llama.cpp's rotary permutation of llama's Q/K rows, Llama 3's rotary scaling stored as a tensor,
 Gemma's norms stored plus one, a few config keys transformers leaves to its own classes' defaults.
 
-Tensors are read memory-mapped by gguf-py, converted one at a time (engine/gguf_tensors.py) and
+Tensors are read one at a time (gguf-py reads the header), converted (engine/gguf_tensors.py) and
 written in shards of at most SHARD_BYTES, so the memory a conversion needs does not grow with the
 model. An architecture mlx-lm cannot run, a tensor it has no place for, or a type nothing reads
 is refused, by name, before anything is written.
@@ -36,7 +36,7 @@ from mlxserve.protocol import ConversionError
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 ProgressFn = Callable[[int, int], None]
-SHARD_BYTES = 1 << 30
+SHARD_BYTES = 1 << 29
 # Tensors llama.cpp's converter makes from a config entry: they go back into the config, not the weights.
 ROPE_FREQS = "rope_freqs.weight"
 
@@ -241,6 +241,14 @@ class _ShardWriter:
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def _read(path: Path, tensor: Any) -> np.ndarray:
+    """A tensor's bytes read from the file, shaped as gguf-py maps them. Read, not taken from gguf-py's
+    memory map: the pages of a mapping stay in the process's resident memory once touched, so a 40 GB
+    file would end up resident whole."""
+    raw = np.fromfile(path, dtype=np.uint8, count=int(tensor.n_bytes), offset=int(tensor.data_offset))
+    return raw.view(tensor.data.dtype).reshape(tensor.data.shape)
+
+
 def _check_types(gguf: GGUFFile) -> None:
     unreadable: dict[str, list[str]] = {}
     for tensor in gguf.tensors:
@@ -287,7 +295,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressFn | None = N
             name = names[tensor.name]
             module, _, suffix = name.rpartition(".")
             shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-            converted: Converted = convert_tensor(tensor.tensor_type, tensor.data, shape, target,
+            converted: Converted = convert_tensor(tensor.tensor_type, _read(gguf.path, tensor), shape, target,
                                                   suffix == "weight" and module in quantizable)
             arrays = converted.arrays
             if arch.rotary_permuted:
@@ -296,6 +304,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressFn | None = N
                         arrays = {k: _unpermute_rows(v, n_heads) for k, v in arrays.items()}
             if arch.norms_plus_one and module.endswith("norm") and suffix == "weight":
                 arrays = {"weight": arrays["weight"] - 1}
+            mx.eval(arrays)  # now, so that what they were made from is freed before the next tensor
             if converted.bits is not None:
                 quantization[module] = {"group_size": converted.group_size, "bits": converted.bits}
                 for part, array in arrays.items():

@@ -28,7 +28,7 @@ FLOAT_TYPES = {T.F32: mx.float32, T.F16: mx.float16, T.BF16: mx.bfloat16}
 # Types whose 32-weight blocks are MLX groups as they are, and their bits.
 EXACT_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q4_K: 4, T.Q5_0: 8, T.Q5_1: 8, T.Q5_K: 8, T.Q8_0: 8}
 EXACT_GROUP = 32
-CHUNK_VALUES = 1 << 23  # float32 values dequantized at once: 32 MiB
+CHUNK_VALUES = 1 << 21  # values dequantized at once: 8 MiB of float32 (gguf-py makes a few times that)
 
 
 def bits_per_weight(kind: GGMLQuantizationType) -> float:
