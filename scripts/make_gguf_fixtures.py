@@ -194,7 +194,7 @@ def write(path: Path, arch: str, vocabulary: dict, kind_of, seed: int, llama3: b
 
 FIXTURES = {  # file name: (architecture, vocabulary, type of each 2-D weight)
     **{f"llama-{k.lower()}": ("llama", bpe_vocabulary, lambda name, k=k: T[k])
-       for k in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")},
+       for k in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS")},
     "llama-q4_k_m-spm": ("llama", spm_vocabulary, q4_k_m),
     "llama3-q4_k_m": ("llama", lambda: bpe_vocabulary(pre="llama-bpe"), q4_k_m),
     "qwen2-q4_k_m": ("qwen2", bpe_vocabulary, q4_k_m),

@@ -45,12 +45,13 @@ from tests.fixtures.gguf_rewrite import to_float32  # noqa: E402
 TEXT = ROOT / "scripts" / "data" / "perplexity.txt"
 
 
-def convert(gguf: Path, out: Path) -> tuple[float, int]:
+def convert(gguf: Path, out: Path, bits: int | None, group_size: int | None) -> tuple[float, int]:
     """Convert in a child process: (seconds, the child's peak resident bytes)."""
-    code = ("import sys; from pathlib import Path; from mlxserve.engine.gguf import convert_gguf; "
-            "convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]))")
+    code = ("import sys, json; from pathlib import Path; from mlxserve.engine.gguf import convert_gguf; "
+            "convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]), **json.loads(sys.argv[3]))")
+    options = json.dumps({"bits": bits, "group_size": group_size})
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-c", code, str(gguf), str(out)], cwd=ROOT)
+    child = subprocess.Popen([sys.executable, "-c", code, str(gguf), str(out), options], cwd=ROOT)
     _, status, usage = os.wait4(child.pid, 0)
     if status != 0:
         raise SystemExit(f"converting {gguf} failed")
@@ -100,12 +101,14 @@ def main() -> None:
     parser.add_argument("gguf", type=Path, nargs="+")
     parser.add_argument("--llamacpp-python", required=True, help="a Python with xllamacpp")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--bits", type=int, help="import with `mlxserve import --bits`")
+    parser.add_argument("--group-size", type=int, help="import with `mlxserve import --group-size`")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         for gguf in args.gguf:
             model_dir = Path(scratch) / "models" / gguf.stem.lower().replace(".", "-")
-            seconds, peak = convert(gguf, model_dir)
+            seconds, peak = convert(gguf, model_dir, args.bits, args.group_size)
             ids, mine = ours(model_dir)
             theirs = llama_cpp(args.llamacpp_python, gguf, ids, Path(scratch))
             f32 = to_float32(gguf, Path(scratch) / "f32.gguf")

@@ -27,9 +27,9 @@ DATA = Path(__file__).parent.parent / "data" / "gguf"
 REFERENCE = json.loads((DATA / "reference.json").read_text())
 LOGPROB_TOLERANCE = 0.75  # nats; measured: at most 0.56 (qwen2), 0.16 for Q8_0
 NEAR_TIE = 2 * LOGPROB_TOLERANCE
-# Q2_K and Q3_K scale every 16 weights; MLX's groups are 32 wide, so at the default 4 bits their
-# weights move by up to half a 4-bit step. At 8 bits they are within 1/16 of their own rounding.
-REQUANTIZED = {"llama-q2_k.gguf", "llama-q3_k.gguf"}
+# Q2_K and Q3_K scale every 16 weights (MLX's groups are 32 wide), IQ4_XS maps 4 bits to uneven
+# levels: at the default 4 bits their weights move by up to half a 4-bit step. At 8 bits, by 1/16 of that.
+REQUANTIZED = {"llama-q2_k.gguf", "llama-q3_k.gguf", "llama-iq4_xs.gguf"}
 
 
 def _imported(tmp_path: Path, file: str, bits: int | None = None):
@@ -59,12 +59,12 @@ def test_imported_model_gives_llama_cpps_tokens(tmp_path: Path, file: str):
 
 
 @pytest.mark.parametrize("file", sorted(REQUANTIZED))
-def test_two_and_three_bit_k_quants_at_8_bits_give_llama_cpps_tokens(tmp_path: Path, file: str):
+def test_requantized_types_at_8_bits_give_llama_cpps_tokens(tmp_path: Path, file: str):
     _check_against_llama_cpp(_imported(tmp_path, file, bits=8), REFERENCE["files"][file])
 
 
 @pytest.mark.parametrize("file", sorted(REQUANTIZED))
-def test_two_and_three_bit_k_quants_at_4_bits_stay_within_half_a_step(tmp_path: Path, file: str):
+def test_requantized_types_at_4_bits_stay_within_half_a_step(tmp_path: Path, file: str):
     convert_gguf(DATA / file, tmp_path / "imported")
     config = json.loads((tmp_path / "imported" / "config.json").read_text())
     assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 32
