@@ -39,7 +39,7 @@ from tests.fixtures.gguf_rewrite import rewrite_gguf  # noqa: E402  (gguf and nu
 from tests.fixtures.gguf_vocab import byte_tokens  # noqa: E402  (pure Python)
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "gguf"
-HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, CONTEXT = 256, 256, 2, 4, 2, 512
+HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, CONTEXT, EXPERTS = 256, 256, 2, 4, 2, 512, 4
 HEAD_DIM = HIDDEN // HEADS
 MAX_TOKENS = 20
 T = GGMLQuantizationType
@@ -112,16 +112,25 @@ def _weights(arch: str, readable: list[bool], rng: np.random.Generator) -> dict[
         if arch == "phi3":
             tensors[p + "attn_qkv.weight"] = dense(q + 2 * kv, HIDDEN)
             tensors[p + "ffn_up.weight"] = dense(2 * FFN, HIDDEN)
+        elif arch == "qwen3moe":  # experts stacked, and a float32 router as llama.cpp's converter keeps it
+            tensors |= {p + "attn_q.weight": dense(q, HIDDEN), p + "attn_k.weight": dense(kv, HIDDEN),
+                        p + "attn_v.weight": dense(kv, HIDDEN),
+                        p + "ffn_gate_inp.weight": dense(EXPERTS, HIDDEN) * 4,
+                        p + "ffn_gate_exps.weight": np.stack([dense(FFN, HIDDEN) for _ in range(EXPERTS)]),
+                        p + "ffn_up_exps.weight": np.stack([dense(FFN, HIDDEN) for _ in range(EXPERTS)]),
+                        p + "ffn_down_exps.weight": np.stack([dense(HIDDEN, FFN) for _ in range(EXPERTS)])}
         else:
             tensors |= {p + "attn_q.weight": dense(q, HIDDEN), p + "attn_k.weight": dense(kv, HIDDEN),
                         p + "attn_v.weight": dense(kv, HIDDEN), p + "ffn_gate.weight": dense(FFN, HIDDEN),
                         p + "ffn_up.weight": dense(FFN, HIDDEN)}
-        tensors |= {p + "attn_output.weight": dense(HIDDEN, q), p + "ffn_down.weight": dense(HIDDEN, FFN),
-                    p + "attn_norm.weight": norm(HIDDEN), p + "ffn_norm.weight": norm(HIDDEN)}
+        tensors |= {p + "attn_output.weight": dense(HIDDEN, q), p + "attn_norm.weight": norm(HIDDEN),
+                    p + "ffn_norm.weight": norm(HIDDEN)}
+        if arch != "qwen3moe":
+            tensors[p + "ffn_down.weight"] = dense(HIDDEN, FFN)
         if arch == "qwen2":
             tensors |= {p + f"attn_{n}.bias": 0.1 * rng.standard_normal(size).astype(np.float32)
                         for n, size in (("q", q), ("k", kv), ("v", kv))}
-        if arch in ("qwen3", "gemma3"):
+        if arch in ("qwen3", "qwen3moe", "gemma3"):
             tensors |= {p + "attn_q_norm.weight": norm(HEAD_DIM), p + "attn_k_norm.weight": norm(HEAD_DIM)}
         if arch.startswith("gemma"):
             tensors |= {p + "post_attention_norm.weight": norm(HIDDEN), p + "post_ffw_norm.weight": norm(HIDDEN)}
@@ -166,6 +175,10 @@ def write(path: Path, arch: str, vocabulary: dict, kind_of, seed: int, llama3: b
     if arch.startswith("gemma"):
         writer.add_sliding_window(CONTEXT)
         writer.add_add_space_prefix(False)  # as llama.cpp's converter writes every Gemma file
+    if arch == "qwen3moe":
+        writer.add_expert_count(EXPERTS)
+        writer.add_expert_used_count(2)
+        writer.add_expert_feed_forward_length(FFN)
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(50.0)
         writer.add_final_logit_softcapping(30.0)
@@ -184,8 +197,10 @@ def write(path: Path, arch: str, vocabulary: dict, kind_of, seed: int, llama3: b
     if llama3:
         tensors["rope_freqs.weight"] = llama3_rope_factors(base)
     for name, values in tensors.items():
-        kind = kind_of(name) if values.ndim == 2 else T.F32
-        writer.add_tensor(name, values if kind == T.F32 else quantize(values, kind), raw_dtype=kind)
+        kind = kind_of(name) if values.ndim >= 2 and "ffn_gate_inp" not in name else T.F32
+        data = values if kind == T.F32 else quantize(values.reshape(-1, values.shape[-1]), kind).reshape(
+            *values.shape[:-1], -1)
+        writer.add_tensor(name, data, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -199,6 +214,7 @@ FIXTURES = {  # file name: (architecture, vocabulary, type of each 2-D weight)
     "llama3-q4_k_m": ("llama", lambda: bpe_vocabulary(pre="llama-bpe"), q4_k_m),
     "qwen2-q4_k_m": ("qwen2", bpe_vocabulary, q4_k_m),
     "qwen3-q4_k_m": ("qwen3", bpe_vocabulary, q4_k_m),
+    "qwen3moe-q4_k_m": ("qwen3moe", bpe_vocabulary, q4_k_m),
     "phi3-q4_k_m": ("phi3", lambda: spm_vocabulary(phi3=True), q4_k_m),
     "gemma2-q4_k_m": ("gemma2", lambda: spm_vocabulary(gemma=True), q4_k_m),
     "gemma3-q4_k_m": ("gemma3", lambda: spm_vocabulary(gemma=True), q4_k_m),

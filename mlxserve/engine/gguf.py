@@ -54,6 +54,13 @@ def _gemma3(metadata: dict[str, Any], arch: str) -> dict[str, Any]:
     return {"query_pre_attn_scalar": head_dim, "rope_local_base_freq": 10000.0, "sliding_window_pattern": 6}
 
 
+def _qwen3moe(metadata: dict[str, Any], arch: str) -> dict[str, Any]:
+    experts_width = metadata[f"{arch}.expert_feed_forward_length"]
+    return {"moe_intermediate_size": experts_width, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "norm_topk_prob": True,  # as Qwen3's MoE models all do (transformers' GGUF defaults say so too)
+            "intermediate_size": metadata.get(f"{arch}.feed_forward_length", experts_width)}
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How a GGUF architecture becomes an mlx-lm model."""
@@ -70,6 +77,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", "llama", "LlamaForCausalLM", rotary_permuted=True),
     "qwen2": Architecture("qwen2", "qwen2", "Qwen2ForCausalLM"),
     "qwen3": Architecture("qwen3", "qwen3", "Qwen3ForCausalLM"),
+    "qwen3moe": Architecture("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", extra=_qwen3moe),
     "phi3": Architecture("phi3", "phi3", "Phi3ForCausalLM"),
     "gemma2": Architecture("gemma2", "gemma2", "Gemma2ForCausalLM", norms_plus_one=True, extra=_gemma2),
     "gemma3": Architecture("gemma3", "gemma3_text", "Gemma3ForCausalLM", norms_plus_one=True, extra=_gemma3),
@@ -181,7 +189,8 @@ def tensor_names(gguf: GGUFFile, parameters: list[str]) -> dict[str, str]:
     table = gguf_py.get_tensor_name_map(kinds[gguf.architecture], blocks)
     names: dict[str, str] = {}
     for parameter in parameters:
-        gguf_name = table.get_name(parameter, try_suffixes=(".weight", ".bias"))
+        # mlx-lm stacks a mixture's experts in `switch_mlp`, where Hugging Face's checkpoints say `experts`
+        gguf_name = table.get_name(parameter.replace(".switch_mlp.", ".experts."), try_suffixes=(".weight", ".bias"))
         if gguf_name is not None:
             names[gguf_name] = parameter
     unplaced = [t.name for t in gguf.tensors if t.name not in names and t.name != ROPE_FREQS]

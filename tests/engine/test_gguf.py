@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize
 
 from tests.fixtures.cli import mlxserve
@@ -86,3 +86,19 @@ def test_bits_and_group_size_are_the_users_choice(f32_gguf: Path, tmp_path: Path
     expected = dequantize(original.data, original.tensor_type).reshape(64, 128)
     got = _dequantized(tmp_path / "models" / "chosen", "model.layers.1.mlp.down_proj", config)
     np.testing.assert_allclose(got, expected, atol=np.abs(expected).max() / 255)
+
+
+def test_an_architecture_mlx_lm_cannot_run_is_refused_by_name_before_anything_is_written(f32_gguf: Path,
+                                                                                        tmp_path: Path):
+    reader = GGUFReader(f32_gguf)
+    source = tmp_path / "mamba.gguf"
+    writer = GGUFWriter(source, arch="mamba")
+    writer.add_tensor("token_embd.weight", dequantize(reader.tensors[0].data, reader.tensors[0].tensor_type))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = mlxserve(tmp_path, "import", str(source), check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "'mamba'" in result.stderr and "qwen3moe" in result.stderr  # what it is, and what is supported
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
