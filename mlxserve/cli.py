@@ -175,11 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     import_ = commands.add_parser(
         "import", help="convert a GGUF file, or models from LM Studio's or Ollama's store, into MLX models",
-        description="Convert a GGUF file (llama, Mistral, Qwen 2/3, Qwen 3 MoE, Phi-3, Gemma 2/3; any type gguf-py reads: "
-                    "Q4_K_M, Q5_K_M, Q6_K, Q8_0, IQ types, F16, BF16 ...) into an MLX model directory with its "
-                    "tokenizer and chat template. Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K and Q8_0 weights keep their "
-                    "integers exactly (5-bit ones as 8-bit); other quantized types become 4-bit (at most 4.5 bits "
-                    "per weight) or 8-bit; float weights stay float. Given a folder (LM Studio's ~/.lmstudio/models, "
+        description="Convert a GGUF file (llama, Mistral, Qwen 2/3, Qwen 3 MoE, Phi-3, Gemma 2/3; any type gguf-py "
+                    "reads: Q4_K_M, Q5_K_M, Q6_K, Q8_0, IQ types, F16, BF16 ...) into an MLX model directory with its"
+                    " tokenizer and chat template. Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K and Q8_0 weights keep their "
+                    "integers exactly (5-bit ones as 8-bit); other quantized types become 4-bit (at most 4.5 bits per"
+                    " weight) or 8-bit; float weights stay float. Given a folder (LM Studio's ~/.lmstudio/models, "
                     "Ollama's ~/.ollama/models, or any folder of GGUF files) it lists the models there; --pick or "
                     "--all imports them under their store's names.")
     import_.add_argument("source", type=Path, metavar="FILE.gguf|FOLDER")

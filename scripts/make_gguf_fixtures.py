@@ -77,7 +77,8 @@ def bpe_vocabulary(pre: str = "qwen2") -> dict:
 def spm_vocabulary(gemma: bool = False, phi3: bool = False) -> dict:
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"] if gemma else ["<unk>", "<s>", "</s>"]
     letters = "abcdefghijklmnopqrstuvwxyz"
-    pieces = list(dict.fromkeys(["▁", "▁t", "▁a", "he", "in", "er", "on", "▁the", *letters, *("▁" + c for c in letters)]))
+    pieces = list(dict.fromkeys(["▁", "▁t", "▁a", "he", "in", "er", "on", "▁the", *letters,
+                                 *("▁" + c for c in letters)]))
     markers = ["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>"] if phi3 else []  # llama.cpp looks them up
     tokens = specials + [f"<0x{b:02X}>" for b in range(256)] + pieces + markers
     types = ([TokenType.CONTROL] * len(specials) + [TokenType.BYTE] * 256 + [TokenType.NORMAL] * len(pieces)
