@@ -86,7 +86,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 @dataclass
 class GGUFFile:
-    """A GGUF file's metadata (plain Python values) and its tensors, memory-mapped by gguf-py."""
+    """A GGUF file's metadata (plain Python values) and its tensors' descriptions (gguf-py's)."""
 
     path: Path
     metadata: dict[str, Any]
@@ -125,6 +125,11 @@ def build_config(gguf: GGUFFile) -> dict[str, Any]:
     for key, hf_key in GGUF_CONFIG_MAPPING[arch.config_key].items():
         if hf_key is not None and f"{name}.{key}" in gguf.metadata:
             config[hf_key] = gguf.metadata[f"{name}.{key}"]
+    for needed in ("hidden_size", "num_attention_heads", "num_hidden_layers"):
+        if needed not in config:
+            raise ConversionError(f"{gguf.path.name} does not say its model's {needed} (no {name}.* key for it)")
+    if "vocab_size" not in config and "tokenizer.ggml.tokens" not in gguf.metadata:
+        raise ConversionError(f"{gguf.path.name} has no tokenizer (tokenizer.ggml.tokens)")
     # The head size is the key length; rope.dimension_count (which transformers maps for llama) can be a
     # partial rotation. Always stated: some mlx-lm classes default it to one checkpoint's value.
     config["head_dim"] = gguf.metadata.get(f"{name}.attention.key_length",

@@ -76,10 +76,6 @@ class Converted:
     bits: int | None
     group_size: int | None
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values())
-
 
 def _pack(q: np.ndarray, bits: int) -> np.ndarray:
     """Rows of integers (uint8) as MLX packs them: uint32 words, element 2j in byte j's low nibble."""
