@@ -196,6 +196,7 @@ def optimize_for_cpu(model: nn.Module) -> None:
                      sum(m is not None for _, m in swaps), len(swaps))
     log.info("CPU: fused %d norm and rotary layers", cpu_fused.fuse(model))
     cpu_fused.install_attention()
+    cpu_fused.install_swiglu()
 
 
 # erf(x) = x * P(x^2) / Q(x^2) on [-4, 4] (beyond, erf is ±1 in float32): the rational

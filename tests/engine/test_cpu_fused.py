@@ -90,3 +90,20 @@ def test_installed_attention_hands_sinks_to_mlx():
     sinks = mx.random.normal((4,))
     got = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal", sinks=sinks)
     assert mx.array_equal(got, cpu_fused._mlx_attention(q, k, v, scale=0.25, mask="causal", sinks=sinks))
+
+
+def test_swiglu_of_a_prompt_matches_mlx_and_a_decode_step_is_mlxs_own():
+    gate = mx.concatenate([mx.random.normal((500, 1530)) * 8,
+                           mx.array([[0.0, 90.0, -90.0, 200.0, -200.0, 1e-30]] * 500)], axis=1)
+    x = mx.random.normal(gate.shape)
+    got, want = cpu_fused.swiglu(gate, x), cpu_fused._mlx_swiglu(gate, x)
+    assert mx.allclose(got, want, rtol=1e-6, atol=1e-30)  # no inf, no NaN at the extremes either
+    step_gate, step_x = gate[:1], x[:1]
+    assert mx.array_equal(cpu_fused.swiglu(step_gate, step_x), cpu_fused._mlx_swiglu(step_gate, step_x))
+
+
+def test_installed_swiglu_is_what_loaded_models_call():
+    from mlx_lm.models import llama, qwen3
+
+    cpu_fused.install_swiglu()
+    assert llama.swiglu is cpu_fused.swiglu and qwen3.swiglu is cpu_fused.swiglu
