@@ -28,7 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxserve.engine.gguf_tensors import Converted, Target, convert_tensor, readable
-from mlxserve.engine.gguf_tokenizer import write_tokenizer_files
+from mlxserve.engine.gguf_tokenizer import tokenizer_files
 from mlxserve.engine.install import installing
 from mlxserve.protocol import ConversionError
 
@@ -288,6 +288,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressFn | None = N
     arch = _architecture(gguf)
     _check_types(gguf)
     config = build_config(gguf)
+    tokenizer = tokenizer_files(gguf.metadata, config.get("max_position_embeddings", 4096))
     parameters, quantizable = _model_layout(config)
     names = tensor_names(gguf, parameters)
     target = Target(bits, group_size)
@@ -298,7 +299,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressFn | None = N
     quantization: dict[str, dict[str, int]] = {}
     written = 0
     with installing(out_dir.parent, out_dir.name, replace=replace) as tmp:
-        special = write_tokenizer_files(gguf.metadata, tmp, config.get("max_position_embeddings", 4096))
+        tokenizer.write(tmp)
         shards = _ShardWriter(tmp)
         for tensor in gguf.tensors:
             done += int(tensor.n_bytes)
@@ -331,7 +332,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressFn | None = N
         shards.finish(written)
         if quantization:
             config["quantization"] = _quantization_config(quantization)
-        config.update(special)
+        config.update(tokenizer.config_ids)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
 

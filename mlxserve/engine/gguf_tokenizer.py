@@ -10,10 +10,11 @@ every id that ends a turn.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenizers import processors
+from tokenizers import pre_tokenizers, processors
 
 from mlxserve.protocol import ConversionError
 
@@ -23,6 +24,25 @@ def _tokenizer_fields(metadata: dict[str, Any]) -> dict[str, Any]:
 
     return {name: metadata[f"tokenizer.{key}"] for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
             if f"tokenizer.{key}" in metadata}
+
+
+# Byte-level BPE files name the pre-tokenizer (the split before the merges) llama.cpp applies. Those
+# transformers knows by name, the GPT-2 split itself, and two that split digits one by one first; any
+# other would be cut with the GPT-2 split and tokenize differently without a word, so it is refused.
+_GPT2_SPLIT = {"default", "gpt-2", "gpt2"}
+_DIGITS_THEN_GPT2 = {"smollm", "starcoder"}
+
+
+def _pre_tokenizer_fits(tokenizer: Any, pre: str) -> None:
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    if pre in _DIGITS_THEN_GPT2:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                           tokenizer.pre_tokenizer])
+    elif pre not in GGUF_PRE_TOKENIZER_SPLITS and pre not in _GPT2_SPLIT:
+        known = sorted({*GGUF_PRE_TOKENIZER_SPLITS, *_GPT2_SPLIT, *_DIGITS_THEN_GPT2})
+        raise ConversionError(f"the GGUF file's pre-tokenizer {pre!r} is not one this importer knows, so its text "
+                              f"would be cut differently from llama.cpp's; known: {', '.join(known)}")
 
 
 def _add_bos(metadata: dict[str, Any]) -> bool:
@@ -40,8 +60,21 @@ def _stop_token_ids(metadata: dict[str, Any]) -> list[int]:
     return ids
 
 
-def write_tokenizer_files(metadata: dict[str, Any], out_dir: Path, max_length: int) -> dict[str, Any]:
-    """Write tokenizer.json and tokenizer_config.json into `out_dir`; returns the token ids for config.json."""
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """A GGUF file's tokenizer, made before anything is written (a tokenizer it cannot rebuild stops the
+    import first), and the token ids that belong in config.json."""
+
+    tokenizer: Any  # tokenizers.Tokenizer
+    tokenizer_config: dict[str, Any]
+    config_ids: dict[str, Any]
+
+    def write(self, out_dir: Path) -> None:
+        self.tokenizer.save(str(out_dir / "tokenizer.json"))
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(self.tokenizer_config, indent=2))
+
+
+def tokenizer_files(metadata: dict[str, Any], max_length: int) -> TokenizerFiles:
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     fields = _tokenizer_fields(metadata)
@@ -51,6 +84,8 @@ def write_tokenizer_files(metadata: dict[str, Any], out_dir: Path, max_length: i
         tokenizer, _ = convert_gguf_tokenizer(str(metadata.get("general.architecture")), fields)
     except (ValueError, KeyError) as exc:
         raise ConversionError(f"cannot rebuild the GGUF file's tokenizer: {exc}") from exc
+    if fields.get("tokenizer_type") == "gpt2":
+        _pre_tokenizer_fits(tokenizer, str(fields.get("pre_tokenizer_type", "default")))
     tokens = fields["tokens"]
     specials = {}
     for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
@@ -64,8 +99,6 @@ def write_tokenizer_files(metadata: dict[str, Any], out_dir: Path, max_length: i
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
     else:
         tokenizer.post_processor = None
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-
     tokenizer_config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": add_bos,
@@ -77,9 +110,7 @@ def write_tokenizer_files(metadata: dict[str, Any], out_dir: Path, max_length: i
     template = metadata.get("tokenizer.chat_template")
     if template:
         tokenizer_config["chat_template"] = template
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-
     ids: dict[str, Any] = {"eos_token_id": _stop_token_ids(metadata)}
     if metadata.get("tokenizer.ggml.bos_token_id") is not None:
         ids["bos_token_id"] = int(metadata["tokenizer.ggml.bos_token_id"])
-    return ids
+    return TokenizerFiles(tokenizer, tokenizer_config, ids)

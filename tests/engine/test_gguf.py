@@ -102,3 +102,12 @@ def test_an_architecture_mlx_lm_cannot_run_is_refused_by_name_before_anything_is
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "'mamba'" in result.stderr and "qwen3moe" in result.stderr  # what it is, and what is supported
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_a_pre_tokenizer_nothing_here_knows_is_refused_by_name(tmp_path: Path):
+    """Cut with the GPT-2 split instead, its text would tokenize otherwise than in llama.cpp, silently."""
+    source = write_tiny_gguf(tmp_path / "odd.gguf", pre_tokenizer="brand-new-split")
+    result = mlxserve(tmp_path, "import", str(source), check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "'brand-new-split'" in result.stderr and "llama-bpe" in result.stderr
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
