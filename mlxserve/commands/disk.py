@@ -84,8 +84,18 @@ def _import_one(settings: Settings, file: Path, name: str, force: bool, bits: in
     if target.exists() and not force:  # before converting: the install checks again under its lock
         raise exists_error(target.name)
     print(f"Converting {file.name} to MLX in {target}…", file=sys.stderr)
-    convert_gguf(file, target, progress=conversion_progress(lambda line: print(line, file=sys.stderr)),
-                 replace=force, bits=bits, group_size=group_size)
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        with tqdm(unit="B", unit_scale=True, desc="converting") as bar:
+            def advance(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            convert_gguf(file, target, progress=advance, replace=force, bits=bits, group_size=group_size)
+    else:  # a log or a pipe: a line each tenth
+        convert_gguf(file, target, progress=conversion_progress(lambda line: print(line, file=sys.stderr)),
+                     replace=force, bits=bits, group_size=group_size)
     return target
 
 
