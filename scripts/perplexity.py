@@ -64,7 +64,7 @@ def ours(model_dir: Path) -> tuple[list[int], list[float]]:
 
     loaded = ModelStore(model_dir.parent).load(model_dir.name)
     tokenizer = loaded.tokenizer
-    ids = tokenizer.encode(TEXT.read_text())
+    ids = tokenizer.encode(TEXT.read_text())[: loaded.context_length]  # a tiny vocabulary's text may not fit
     logits = loaded.model(mx.array([ids]))[0].astype(mx.float32)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     return ids, [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
