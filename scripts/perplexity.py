@@ -78,7 +78,7 @@ def llama_cpp(python: str, gguf: Path, ids: list[int], log_dir: Path) -> list[fl
         for i in range(1, len(ids)):
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
             body = {"prompt": ids[:i], "n_predict": 1, "temperature": 0, "n_probs": 1, "cache_prompt": True,
-                    "logit_bias": [[ids[i], 100]], "id_slot": 0}
+                    "logit_bias": [[ids[i], 1e6]], "id_slot": 0}
             conn.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
             reply = json.loads(conn.getresponse().read())
             if not reply.get("completion_probabilities"):
