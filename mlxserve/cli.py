@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="from a folder: import this model, as the listing names it (repeat for more)")
     import_.add_argument("--all", action="store_true", dest="everything",
                          help="from a folder: import every model of a supported architecture")
-    import_.add_argument("--bits", type=int, choices=(2, 3, 4, 5, 6, 8),
+    import_.add_argument("--bits", type=int, choices=(4, 8),
                          help="quantize every weight to this many bits instead (float ones included)")
     import_.add_argument("--group-size", type=int, choices=(32, 64, 128),
                          help="weights sharing a scale (default 32, llama.cpp's block)")

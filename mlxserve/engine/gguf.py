@@ -223,7 +223,7 @@ class _ShardWriter:
         self.directory = directory
         self.pending: dict[str, mx.array] = {}
         self.pending_bytes = 0
-        self.files: list[dict[str, mx.array] | list[str]] = []
+        self.files: list[list[str]] = []  # the names in each shard written
         self.count = 0
 
     def add(self, name: str, array: mx.array) -> None:

@@ -47,12 +47,23 @@ def readable(kind: GGMLQuantizationType) -> bool:
     return True
 
 
+BITS = (4, 8)  # what MLX's quantized layers and the CPU shim both take, packed by _pack
+GROUP_SIZES = (32, 64, 128)
+
+
 @dataclass(frozen=True)
 class Target:
     """What the user asked for; None leaves it to the source type."""
 
     bits: int | None = None
     group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits not in (None, *BITS):
+            raise ConversionError(f"--bits {self.bits}: choose one of {', '.join(map(str, BITS))}")
+        if self.group_size not in (None, *GROUP_SIZES):
+            raise ConversionError(f"--group-size {self.group_size}: choose one of "
+                                  f"{', '.join(map(str, GROUP_SIZES))}")
 
     def bits_for(self, kind: GGMLQuantizationType) -> int | None:
         """Bits for a 2-D weight of this type, or None to keep it floating."""
@@ -176,11 +187,9 @@ def convert_tensor(kind: GGMLQuantizationType, data: np.ndarray, shape: tuple[in
         if exact:
             q, scale, bias = _exact_blocks(kind, flat[chunk].reshape(chunk.stop - chunk.start, -1,
                                                                     GGML_QUANT_SIZES[kind][1]))
-            part = (mx.array(_pack(q, bits)), mx.array(scale), mx.array(bias))
         else:
-            values = np.array(_floats(kind, flat[chunk], (chunk.stop - chunk.start, k)))
-            q, scale, bias = _affine(values, group, bits)
-            part = (mx.array(_pack(q, bits)), mx.array(scale), mx.array(bias))
+            q, scale, bias = _affine(np.array(_floats(kind, flat[chunk], (chunk.stop - chunk.start, k))), group, bits)
+        part = (mx.array(_pack(q, bits)), mx.array(scale), mx.array(bias))
         mx.eval(part)
         parts.append(part)
     weight, scales, biases = (mx.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]
