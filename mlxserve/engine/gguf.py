@@ -167,9 +167,9 @@ def _llama3_rope_scaling(factors: np.ndarray, base: float, dims: int) -> dict[st
     return scaling
 
 
-def _model_layout(config: dict[str, Any]) -> tuple[list[str], set[str]]:
-    """The parameter names of the mlx-lm class for `config`, and its modules MLX quantizes (Linear and
-    Embedding layers). Nothing is computed: MLX arrays are lazy."""
+def _model_layout(config: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """The parameters (names and shapes) of the mlx-lm class for `config`, and its modules MLX quantizes
+    (Linear and Embedding layers). Nothing is computed: MLX arrays are lazy."""
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
@@ -179,13 +179,14 @@ def _model_layout(config: dict[str, Any]) -> tuple[list[str], set[str]]:
     except (ValueError, TypeError, KeyError, ImportError) as exc:
         raise ConversionError(f"mlx-lm cannot build a {config['model_type']!r} model from this file: {exc}") from exc
     quantizable = {path for path, module in model.named_modules() if hasattr(module, "to_quantized")}
-    return [name for name, _ in tree_flatten(model.parameters())], quantizable
+    return {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}, quantizable
 
 
-def tensor_names(gguf: GGUFFile, parameters: list[str]) -> dict[str, str]:
+def tensor_names(gguf: GGUFFile, parameters: dict[str, tuple[int, ...]]) -> dict[str, str]:
     """GGUF tensor name -> mlx-lm parameter name, through gguf-py's table of both namings.
 
-    Refuses a file with a tensor the model has no place for (it would otherwise be silently dropped).
+    Refuses a file with a tensor the model has no place for (it would otherwise be silently dropped),
+    or one whose shape is not its place's (the model would not load).
     """
     import gguf as gguf_py
 
@@ -202,6 +203,11 @@ def tensor_names(gguf: GGUFFile, parameters: list[str]) -> dict[str, str]:
     if unplaced:
         raise ConversionError(f"{gguf.path.name} has tensors mlx-lm's {gguf.architecture} model has no place for: "
                               f"{', '.join(unplaced[:5])}{' …' if len(unplaced) > 5 else ''}")
+    for tensor in gguf.tensors:
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        if tensor.name in names and shape != parameters[names[tensor.name]]:
+            raise ConversionError(f"{gguf.path.name}: {tensor.name} is {shape}, but its metadata makes the model's "
+                                  f"{names[tensor.name]} {parameters[names[tensor.name]]}; the file is inconsistent")
     return names
 
 

@@ -111,3 +111,15 @@ def test_a_pre_tokenizer_nothing_here_knows_is_refused_by_name(tmp_path: Path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "'brand-new-split'" in result.stderr and "llama-bpe" in result.stderr
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_a_tensor_whose_shape_its_metadata_contradicts_is_refused_before_anything_is_written(f32_gguf: Path,
+                                                                                            tmp_path: Path):
+    def narrower(name: str, values: np.ndarray):
+        return (values[:64], None) if name == "blk.0.ffn_up.weight" else (values, None)
+
+    source = rewrite_gguf(f32_gguf, tmp_path / "odd.gguf", narrower)
+    result = mlxserve(tmp_path, "import", str(source), check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "blk.0.ffn_up.weight" in result.stderr and "(64, 64)" in result.stderr and "(128, 64)" in result.stderr
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
