@@ -204,7 +204,7 @@ def tensor_names(gguf: GGUFFile, parameters: dict[str, tuple[int, ...]]) -> dict
         raise ConversionError(f"{gguf.path.name} has tensors mlx-lm's {gguf.architecture} model has no place for: "
                               f"{', '.join(unplaced[:5])}{' …' if len(unplaced) > 5 else ''}")
     for tensor in gguf.tensors:
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        shape = _shape(tensor)
         if tensor.name in names and shape != parameters[names[tensor.name]]:
             raise ConversionError(f"{gguf.path.name}: {tensor.name} is {shape}, but its metadata makes the model's "
                                   f"{names[tensor.name]} {parameters[names[tensor.name]]}; the file is inconsistent")
@@ -261,6 +261,11 @@ class _ShardWriter:
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def _shape(tensor: Any) -> tuple[int, ...]:
+    """A gguf-py tensor's shape in row-major order (GGUF lists the fastest-moving axis first)."""
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
 def _read(path: Path, tensor: Any) -> np.ndarray:
     """A tensor's bytes read from the file, shaped as gguf-py maps them. Read, not taken from gguf-py's
     memory map: the pages of a mapping stay in the process's resident memory once touched, so a 40 GB
@@ -309,30 +314,26 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressFn | None = N
         shards = _ShardWriter(tmp)
         for tensor in gguf.tensors:
             done += int(tensor.n_bytes)
-            if tensor.name == ROPE_FREQS:  # in the config already
-                if progress:
-                    progress(done, total)
-                continue
-            name = names[tensor.name]
-            module, _, suffix = name.rpartition(".")
-            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-            converted: Converted = convert_tensor(tensor.tensor_type, _read(gguf.path, tensor), shape, target,
-                                                  suffix == "weight" and module in quantizable)
-            arrays = converted.arrays
-            if arch.rotary_permuted:
-                for proj, n_heads in heads.items():
-                    if module.endswith(proj):
-                        arrays = {k: _unpermute_rows(v, n_heads) for k, v in arrays.items()}
-            if arch.norms_plus_one and module.endswith("norm") and suffix == "weight":
-                arrays = {"weight": arrays["weight"] - 1}
-            mx.eval(arrays)  # now, so that what they were made from is freed before the next tensor
-            if converted.bits is not None:
-                quantization[module] = {"group_size": converted.group_size, "bits": converted.bits}
-                for part, array in arrays.items():
-                    shards.add(f"{module}.{part}", array)
-            else:
-                shards.add(name, arrays["weight"])
-            written += sum(a.nbytes for a in arrays.values())
+            if tensor.name != ROPE_FREQS:  # that one is in the config already
+                name = names[tensor.name]
+                module, _, suffix = name.rpartition(".")
+                converted: Converted = convert_tensor(tensor.tensor_type, _read(gguf.path, tensor), _shape(tensor),
+                                                      target, suffix == "weight" and module in quantizable)
+                arrays = converted.arrays
+                if arch.rotary_permuted:
+                    for proj, n_heads in heads.items():
+                        if module.endswith(proj):
+                            arrays = {k: _unpermute_rows(v, n_heads) for k, v in arrays.items()}
+                if arch.norms_plus_one and module.endswith("norm") and suffix == "weight":
+                    arrays = {"weight": arrays["weight"] - 1}
+                mx.eval(arrays)  # now, so that what they were made from is freed before the next tensor
+                if converted.bits is not None:
+                    quantization[module] = {"group_size": converted.group_size, "bits": converted.bits}
+                    for part, array in arrays.items():
+                        shards.add(f"{module}.{part}", array)
+                else:
+                    shards.add(name, arrays["weight"])
+                written += sum(a.nbytes for a in arrays.values())
             if progress:
                 progress(done, total)
         shards.finish(written)

@@ -14,6 +14,7 @@ Rows are converted a bounded number at a time, so a 150k-row embedding never exi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -24,7 +25,7 @@ from gguf.quants import Q4_K, dequantize
 from mlxserve.protocol import ConversionError
 
 T = GGMLQuantizationType
-FLOAT_TYPES = {T.F32: mx.float32, T.F16: mx.float16, T.BF16: mx.bfloat16}
+FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
 # Types whose 32-weight blocks are MLX groups as they are, and their bits.
 EXACT_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q4_K: 4, T.Q5_0: 8, T.Q5_1: 8, T.Q5_K: 8, T.Q8_0: 8}
 EXACT_GROUP = 32
@@ -36,6 +37,7 @@ def bits_per_weight(kind: GGMLQuantizationType) -> float:
     return size * 8 / elements
 
 
+@functools.cache  # asked once per tensor; the answer is the type's
 def readable(kind: GGMLQuantizationType) -> bool:
     """Whether gguf-py can dequantize this type (then so can we)."""
     if kind in FLOAT_TYPES:
