@@ -120,6 +120,12 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--allowed-hosts", type=_arg("allowed_hosts"), metavar="NAMES",
                        help="comma-separated names clients may use in the Host header, besides IP addresses, "
                             "localhost and this machine's name; * for any (guards against DNS rebinding)")
+    serve.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
+                       help="serve as one rank of an `mlx.launch` group: rank 0 answers HTTP, the others hold "
+                            "shards (`mlxserve launch` starts the group for you)")
+    serve.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=None,
+                       help="with --distributed: give each rank a run of layers (pipeline parallel) instead of "
+                            "a slice of every layer (tensor parallel, the default)")
     serve.add_argument("--log-level", type=_arg("log_level"),
                        help="debug, info, warning or error; debug also logs prompts (default: info)")
     serve.add_argument("--log-file", type=_arg("log_file"), metavar="FILE",
@@ -147,6 +153,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the models in the model directory over the OpenAI API. Built-in models "
                     "named with --model are fetched and converted on first use.")
     _add_serve_options(serve)
+
+    launch = commands.add_parser(
+        "launch", help="serve one model across several machines (mlx.launch with a hostfile)",
+        usage="mlxserve launch --hostfile FILE [--backend ring|jaccl] [--python PATH] [--starting-port PORT] "
+              "[SERVE OPTIONS ...]",
+        description="Start `mlxserve serve --distributed` on every host of the hostfile through mlx.launch "
+                    "(ssh to remote hosts; 127.0.0.1 runs here). Rank 0, the first host, answers HTTP; text "
+                    "models are split across all hosts (tensor parallel, or --pipeline). Every host needs "
+                    "mlxserve at the same path and the models in its own model directory.",
+        epilog="Every option after the launch options is a `serve` option, e.g. "
+               "`mlxserve launch --hostfile hosts.json --model qwen3-32b-4bit --host 0.0.0.0 --api-key-file K`.")
+    launch.add_argument("--hostfile", type=Path, required=True,
+                        help='JSON: {"backend": "ring", "hosts": [{"ssh": "mac1.local", "ips": ["10.0.0.1"]}, ...]}')
+    launch.add_argument("--backend", choices=("ring", "jaccl"),
+                        help="ring: TCP over Ethernet or Thunderbolt; jaccl: RDMA over Thunderbolt 5 "
+                             "(default: the hostfile's, else ring)")
+    launch.add_argument("--python", metavar="PATH",
+                        help="the Python with mlxserve on the remote hosts (default: this one's path)")
+    launch.add_argument("--starting-port", type=int, metavar="PORT",
+                        help="ring: first port the ranks listen on to each other (default: mlx.launch's, 32323)")
 
     server = commands.add_parser(
         "server", help="run the server in the background: start, stop, status",
@@ -285,11 +311,19 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv[:1] == ["launch"]:  # what launch does not know is for `serve` on every host
+        args, serve_args = parser.parse_known_args(argv)
+        sys.exit(serve.launch(args.hostfile, args.backend, args.python, args.starting_port, serve_args))
+    args = parser.parse_args(argv)
     if args.command in MLX_COMMANDS:
         blas.preload_openblas()  # before anything imports mlx.core
     settings = _settings(args)
-    logsetup.configure(settings.log_level, settings.log_path if args.command == "serve" else None)
+    log_path = settings.log_path
+    rank = os.environ.get("MLX_RANK", "0")
+    if settings.distributed and rank != "0":  # ranks on one machine share a home, not a log file
+        log_path = log_path.with_name(f"{log_path.stem}-rank{rank}{log_path.suffix}")
+    logsetup.configure(settings.log_level, log_path if args.command == "serve" else None)
     try:
         if args.command == "serve":
             serve.serve(settings)

@@ -238,6 +238,19 @@ class Health:
     loading: str | None = None  # the model being loaded, which is not a stall
     error: str | None = None  # why the engine thread stopped, once it has
     compute: dict[str, Any] = field(default_factory=dict)  # engine/cpu.py's ComputePath: device, BLAS, shim
+    ranks: list[RankInfo] | None = None  # a distributed server's processes; None for one process
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """One process of a distributed server, as its last report (every second) had it."""
+
+    rank: int
+    alive: bool  # false once the group has lost a rank: no rank can generate until a restart
+    host: str
+    pid: int
+    active_bytes: int  # MLX memory held by this rank's arrays (its shards, KV caches)
+    models: list[str]  # the models this rank holds a shard of (rank 0: every loaded model)
 
 
 @dataclass(frozen=True)

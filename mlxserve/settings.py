@@ -186,6 +186,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("cors", _names, "origins allowed to call from a browser, or *"),
     Option("allowed_hosts", _names, "names the server answers to in the Host header, besides IP addresses, "
            "localhost and this machine's name; * for any"),
+    Option("distributed", _flag, "serve as one rank of an mlx.launch group (see `mlxserve launch`)"),
+    Option("pipeline", _flag, "distributed: split models by layers (pipeline) instead of tensor-parallel"),
     Option("log_level", _log_level, "debug, info, warning or error; debug also logs prompts"),
     Option("log_file", _path, "rotating log of the server and one line per request (default: HOME/logs/mlxserve.log)"),
 )
@@ -218,6 +220,8 @@ class Settings:
     api_key_file: Path | None = None
     cors: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    distributed: bool = False
+    pipeline: bool = False
     log_level: str = "info"
     log_file: Path | None = None  # None: home/logs/mlxserve.log
 

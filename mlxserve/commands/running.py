@@ -37,6 +37,10 @@ def ps(client: AdminClient, as_json: bool) -> None:
         print("No models loaded.")
     print(f"MLX memory: {human_bytes(memory['active_bytes'])} in use, {human_bytes(memory['cache_bytes'])} "
           f"cached; budget {human_bytes(memory['budget_bytes'])}")
+    if reply.get("ranks"):
+        print(table([[str(r["rank"]), r["host"], str(r["pid"]), human_bytes(r["active_bytes"]),
+                      "up" if r["alive"] else "lost", ", ".join(r["models"]) or "-"] for r in reply["ranks"]],
+                    ["RANK", "HOST", "PID", "MEMORY", "STATE", "MODELS"]))
 
 
 def duration(seconds: float) -> str:

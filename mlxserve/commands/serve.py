@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 
 from mlxserve import __version__, blas
@@ -60,16 +61,29 @@ def serve(settings: Settings) -> None:
     from mlxserve.api.images import ImagePolicy
     from mlxserve.api.response_store import ResponseStore
     from mlxserve.api.security import host_names
+    from mlxserve.engine.distributed import Leader, Ring, follow, watch_followers
     from mlxserve.engine.engine import Engine
     from mlxserve.engine.store import ModelStore
 
+    ring = Ring.join() if settings.distributed else None
+    store = ModelStore(settings.model_directory)
+    if ring is not None and ring.rank > 0:
+        # A follower: no HTTP; it loads and steps what rank 0 tells it to.
+        _ensure_models(settings)
+        sys.exit(follow(ring, store))
     _check_port_free(settings.host, settings.port)
     _ensure_models(settings)
+    leader = None
+    if ring is not None:
+        leader = Leader(ring, store, settings.pipeline, settings.max_concurrent, settings.prompt_cache > 0)
+        watch_followers(ring, leader.rank_lost)
+        print(f"mlxserve: rank 0 of {ring.size}: models are served "
+              f"{'pipeline' if settings.pipeline else 'tensor'}-parallel across the group", file=sys.stderr, flush=True)
     allowed = None if settings.allowed_models is None else frozenset(settings.allowed_models)
-    engine = Engine(ModelStore(settings.model_directory), max_memory=settings.max_memory,
+    engine = Engine(store, max_memory=settings.max_memory,
                     default_ttl=settings.ttl, allowed=allowed, prompt_cache_bytes=settings.prompt_cache,
                     max_concurrent=settings.max_concurrent, max_queue=settings.max_queue,
-                    stall_seconds=settings.stall_seconds)
+                    stall_seconds=settings.stall_seconds, leader=leader)
     images = ImagePolicy(max_bytes=settings.max_image_bytes, allow_remote=settings.remote_images,
                          remote_hosts=tuple(h.lower() for h in settings.remote_image_hosts),
                          file_folder=settings.image_folder)
@@ -97,3 +111,45 @@ def serve(settings: Settings) -> None:
             motd=False, debug=False)
 
 
+
+
+def launch(hostfile: Path, backend: str | None, python: str | None, starting_port: int | None,
+           serve_args: list[str]) -> int:
+    """Run `mlxserve serve --distributed SERVE_ARGS` on every host of `hostfile` through `mlx.launch`,
+    until it ends; Ctrl-C or SIGTERM stops every local rank (rank 0 then tells remote ones to stop)."""
+    import signal
+    import subprocess
+
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    if not launcher.is_file():
+        sys.exit("mlxserve: mlx.launch is not installed next to this Python; reinstall mlx")
+    if not hostfile.is_file():
+        sys.exit(f"mlxserve: no hostfile at {hostfile}; see the README's 'Several Macs' section for its shape")
+    command = [str(launcher), "--hostfile", str(hostfile)]
+    command += ["--backend", backend] if backend else []
+    command += ["--starting-port", str(starting_port)] if starting_port else []
+    command += ["--python", python] if python else []
+    serve_args = serve_args[1:] if serve_args[:1] == ["--"] else serve_args
+    command += ["--", *([] if python else [sys.executable]), "-m", "mlxserve", "serve", "--distributed", *serve_args]
+    # Its own process group: mlx.launch does not pass a SIGTERM on to the ranks, so this does.
+    job = subprocess.Popen(command, start_new_session=True)
+
+    def stop(signum: int, frame: object) -> None:
+        try:
+            os.killpg(job.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = job.wait()
+    # mlx.launch may end before its ranks do (a SIGTERM ends it at once): wait for the whole group.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(job.pid, 0)
+        except ProcessLookupError:
+            return code
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)
+    return code

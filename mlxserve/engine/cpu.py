@@ -122,11 +122,25 @@ def resident_bytes(tensors: dict[str, tuple[str, list[int]]]) -> int:
                for name, (dtype, _) in tensors.items())
 
 
+# What the shim can take: plain quantized layers, and the sharded ones of a distributed server.
+QUANTIZED_LAYERS = (nn.QuantizedLinear, nn.QuantizedEmbedding, nn.QuantizedAllToShardedLinear,
+                    nn.QuantizedShardedToAllLinear)
+
+
 class ShimLinear(nn.QuantizedLinear):
     """A quantized linear layer whose products the gemv shim computes from its bytes (module docstring)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         y = x @ self._placeholder.T
+        return y + self.bias if "bias" in self else y
+
+
+class ShimShardedToAllLinear(ShimLinear):
+    """A distributed server's row-sharded layer (mlx-lm's tensor parallel): this rank's part of the
+    product by the shim, summed over the ranks, as MLX's QuantizedShardedToAllLinear does."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.distributed.all_sum(x @ self._placeholder.T, group=self._group)
         return y + self.bias if "bias" in self else y
 
 
@@ -153,7 +167,7 @@ def _release(bytes_: int, keep: tuple[mx.array, ...]) -> None:
 
 
 def _shimmed(module: nn.Module) -> nn.Module | None:
-    """`module` (a QuantizedLinear or QuantizedEmbedding) as a Shim layer over the same arrays, or None
+    """`module` (one of QUANTIZED_LAYERS) as a Shim layer over the same arrays, or None
     when the shim cannot take it (a mode other than affine, other bits, a group size not a multiple of 32)."""
     global _placeholders
     if getattr(module, "mode", "affine") != "affine" or module.bits not in (4, 8) or module.group_size % 32:
@@ -161,7 +175,10 @@ def _shimmed(module: nn.Module) -> nn.Module | None:
     rows, cols = module.weight.shape[0], module.weight.shape[1] * 32 // module.bits
     if isinstance(module, nn.QuantizedEmbedding):
         shimmed = ShimEmbedding(rows, cols, module.group_size, module.bits)
-    else:
+    elif isinstance(module, nn.QuantizedShardedToAllLinear):
+        shimmed = ShimShardedToAllLinear(cols, rows, "bias" in module, module.group_size, module.bits)
+        shimmed._group = module.group
+    else:  # a QuantizedLinear, or a column-sharded one (nothing to exchange)
         shimmed = ShimLinear(cols, rows, "bias" in module, module.group_size, module.bits)
     shimmed.update(module.parameters())  # the random weights __init__ made lazily are never computed
     shimmed.scales, shimmed.biases = module.scales.astype(mx.float32), module.biases.astype(mx.float32)
@@ -189,7 +206,7 @@ def optimize_for_cpu(model: nn.Module) -> None:
     mx.eval(model.parameters())
     if shim_ready():
         swaps = [(path, _shimmed(m)) for path, m in model.named_modules()
-                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+                 if isinstance(m, QUANTIZED_LAYERS)]
         model.update_modules(tree_unflatten([(path, m) for path, m in swaps if m is not None]))
         if swaps:
             log.info("CPU: the gemv shim computes %d of %d quantized layers from their bytes",

@@ -19,6 +19,7 @@ from typing import Any
 from mlxserve.cpus import usable_cpus
 from mlxserve.engine import wired
 from mlxserve.engine.cpu import compute_path
+from mlxserve.engine.distributed import Leader
 from mlxserve.engine.logs import LogHub
 from mlxserve.engine.manager import ModelManager
 from mlxserve.engine.scheduler import Scheduler
@@ -33,6 +34,7 @@ from mlxserve.protocol import (
     LoadedModel,
     MemoryUsage,
     ModelInfo,
+    RankInfo,
     ServerBusyError,
     Usage,
     WrongModelKindError,
@@ -80,12 +82,17 @@ class GenerationStream:
 class Engine:
     def __init__(self, store: ModelStore, *, max_memory: int, default_ttl: float,
                  allowed: frozenset[str] | None = None, prompt_cache_bytes: int = 0,
-                 max_concurrent: int = 32, max_queue: int = 64, stall_seconds: float = 60):
+                 max_concurrent: int = 32, max_queue: int = 64, stall_seconds: float = 60,
+                 leader: Leader | None = None):
         self.store = store
         wired.set_process_limit(max_memory)
-        self.manager = ModelManager(store, max_memory, default_ttl, allowed, prompt_cache_bytes=prompt_cache_bytes)
+        self.leader = leader
+        self.manager = ModelManager(store, max_memory, default_ttl, allowed, prompt_cache_bytes=prompt_cache_bytes,
+                                    loader=None if leader is None else leader.load)
         self.logs = LogHub()
-        self._scheduler = Scheduler(self.manager, self.logs, prompt_cache_bytes, max_concurrent)
+        self._scheduler = Scheduler(self.manager, self.logs, prompt_cache_bytes, max_concurrent, leader)
+        if leader is not None:
+            leader.on_lost = self._scheduler.abort
         self.max_concurrent = max_concurrent
         self.max_queue = max_queue
         self.stall_seconds = stall_seconds
@@ -138,6 +145,10 @@ class Engine:
     def memory(self) -> MemoryUsage:
         return self.manager.memory()
 
+    def ranks(self) -> list[RankInfo] | None:
+        """A distributed server's processes with their memory; None for a single process."""
+        return None if self.leader is None else self.leader.ranks()
+
     def health(self) -> Health:
         scheduler = self._scheduler
         stalled = scheduler.stalled_seconds
@@ -146,7 +157,7 @@ class Engine:
                       active_requests=self._active, queue_depth=max(0, self._active - self.max_concurrent),
                       max_concurrent=self.max_concurrent, max_queue=self.max_queue,
                       loading=self.manager.loading, error=None if failure is None else repr(failure),
-                      compute=asdict(compute_path()))
+                      compute=asdict(compute_path()), ranks=self.ranks())
 
     def _admit(self) -> None:
         """Count a new request in, or refuse it when every slot and every queue place is taken."""

@@ -248,13 +248,12 @@ class _ShardWriter:
         self.pending, self.pending_bytes = {}, 0
 
     def finish(self, total_bytes: int) -> None:
+        """Name the shards and write the index, for one shard too: mlx-lm's pipeline-parallel loader
+        reads it to load only the layers of its rank, as mlx-lm's own conversions always write it."""
         self.flush()
-        if self.count == 1:
-            (self.directory / "part-1.safetensors").rename(self.directory / "model.safetensors")
-            return
         weight_map = {}
         for i, names in enumerate(self.files, start=1):
-            final = f"model-{i:05d}-of-{self.count:05d}.safetensors"
+            final = "model.safetensors" if self.count == 1 else f"model-{i:05d}-of-{self.count:05d}.safetensors"
             (self.directory / f"part-{i}.safetensors").rename(self.directory / final)
             weight_map |= {name: final for name in names}
         index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}

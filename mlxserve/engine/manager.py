@@ -25,7 +25,7 @@ from mlxserve.settings import human_bytes
 
 log = logging.getLogger("mlxserve.engine")
 
-def _release_memory() -> None:
+def release_memory() -> None:
     """Give an unloaded model's memory back to the system, not just to MLX or to malloc.
 
     MLX keeps freed buffers in its cache; on Linux, glibc keeps freed heap pages in the process
@@ -75,8 +75,9 @@ class _Resident:
 class ModelManager:
     def __init__(self, store: ModelStore, max_bytes: int, default_ttl: float,
                  allowed: frozenset[str] | None = None, clock: Callable[[], float] = time.monotonic,
-                 prompt_cache_bytes: int = 0):
+                 prompt_cache_bytes: int = 0, loader: Callable[[str], Any] | None = None):
         self.store = store
+        self._loader = loader or store.load  # a distributed server loads text models on every rank
         self.max_bytes = max_bytes
         self.prompt_cache_bytes = prompt_cache_bytes  # each generating model may fill this much
         self.default_ttl = default_ttl
@@ -138,7 +139,7 @@ class ModelManager:
         started = time.perf_counter()
         self.loading = model_id
         try:
-            model = self.store.load(model_id)
+            model = self._loader(model_id)
         finally:
             self.loading = None
         memory = max(held_memory() - before, weights) + cache
@@ -151,6 +152,9 @@ class ModelManager:
     def _used(self) -> int:
         return sum(r.memory_bytes for r in self._residents.values())
 
+    def loaded_ids(self) -> list[str]:
+        return sorted(self._residents)
+
     def is_loaded(self, model_id: str) -> bool:
         return model_id in self._residents
 
@@ -160,7 +164,7 @@ class ModelManager:
             return False
         self.on_unload(model_id)
         del self._residents[model_id]
-        _release_memory()
+        release_memory()
         log.info("unloaded %s", model_id)
         return True
 

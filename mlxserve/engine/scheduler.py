@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import BatchGenerator, GenerationBatch
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.generate import GenerationBatch
+from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
 
-from mlxserve.engine import wired
+from mlxserve.engine.batch import PREFILL_STEP, cached_prefix, new_generator, prompt_logits
 from mlxserve.engine.channels import ChannelSplitter, Piece
 from mlxserve.engine.detokenize import IncrementalDetokenizer
+from mlxserve.engine.distributed import Insert, Leader, PromptPass, Remember, Remove, Step
 from mlxserve.engine.kinds.embed import EmbeddingModel
 from mlxserve.engine.kinds.text import EncodedPrompt, TextModel
 from mlxserve.engine.logprobs import LogprobReporter
@@ -57,7 +58,6 @@ log = logging.getLogger("mlxserve.engine")
 
 Sink = Callable[[object], None]
 
-PREFILL_STEP = 512
 # Sequences per embedding forward pass. Between two passes the engine runs a
 # decode step for every chat model, so a large request never stalls streams
 # for longer than one batch.
@@ -193,25 +193,29 @@ class _ModelRunner:
     Image prompts are neither looked up nor stored: their placeholder tokens do not identify the image.
     """
 
-    def __init__(self, model: TextModel, logs: LogHub, cache_bytes: int, max_sequences: int):
+    def __init__(self, model: TextModel, logs: LogHub, cache_bytes: int, max_sequences: int,
+                 leader: Leader | None = None):
         self.model = model
         self.logs = logs
         self.max_sequences = max_sequences
-        self.generator = self._new_generator()
+        # On a distributed server, every operation on the generator and the prompt cache goes to the other ranks.
+        self.leader = leader
+        self.generator = new_generator(model, max_sequences, None if leader is None else leader.ring.stream)
         self.choices: dict[int, _Choice] = {}
         self.prompt_cache = LRUPromptCache(PROMPT_CACHE_ENTRIES, cache_bytes) if cache_bytes > 0 else None
 
-    def _new_generator(self) -> BatchGenerator:
-        generator = BatchGenerator(
-            self.model.model,
-            stop_tokens=[[t] for t in sorted(self.model.stop_token_ids)],
-            prefill_step_size=PREFILL_STEP,
-            completion_batch_size=self.max_sequences,
-            prefill_batch_size=min(8, self.max_sequences),
-            stream=mx.new_stream(mx.default_device()),
-        )
-        wired.adopt(generator)
-        return generator
+    def _remove(self, uids: list[int]) -> None:
+        self.generator.remove(uids)
+        if self.leader is not None:
+            self.leader.record(Remove(self.model.name, uids))
+
+    def _sampler(self, choice: _Choice, temperature: float, seed: int | None) -> tuple[Callable, int | None]:
+        """The choice's sampler, and (distributed) the key of the shared sampler the other ranks mirror."""
+        sampler = make_sampler(temperature, seed)
+        shared = is_shared(sampler)
+        if not shared:
+            sampler = _guarded(choice, sampler, greedy)
+        return (sampler, None) if self.leader is None else self.leader.sampler(sampler, shared)
 
     @property
     def busy(self) -> bool:
@@ -264,26 +268,31 @@ class _ModelRunner:
             prompts, history = [tokens[-1:] for _ in choices], [tokens[:-1] for _ in choices]
             caches = [self._prefill(tokens[:-1], embeddings[:-1]) for _ in range(req.n)]
         else:
-            cache, rest = self._cached_prefix(req.cache_scope, tokens)
+            cache, rest = cached_prefix(self.prompt_cache, self._cache_key(req.cache_scope), tokens)
             active.cached_tokens = len(tokens) - len(rest)
             # A list each: mlx-lm extends every sequence's token history in place, and one list shared by
             # the choices would grow once per choice (the penalties and the grammar read it).
             prompts, history = [list(rest) for _ in choices], [tokens[: active.cached_tokens] for _ in choices]
             caches = None if cache is None else [cache] + [copy.deepcopy(cache) for _ in range(req.n - 1)]
         processor = make_logits_processor(req.sampling, len(tokens))
+        samplers = [self._sampler(c, temperature, s) for c, s in zip(choices, seeds)]
         uids = self.generator.insert(
             prompts,
             max_tokens=[max_tokens] * req.n,
             caches=caches,
             all_tokens=history,
-            samplers=[sampler if is_shared(sampler := make_sampler(temperature, s)) else _guarded(c, sampler, greedy)
-                      for c, s in zip(choices, seeds)],
+            samplers=[sampler for sampler, _ in samplers],
             logits_processors=[
                 # The grammar's mask comes first: penalties and truncation then act on the tokens it
                 # allows, and the sampler's temperature on what they leave.
                 [_guarded(c, f, _unchanged) for f in ([constraints[i]] if constraints else []) + [processor] if f]
                 for i, c in enumerate(choices)],
         )
+        if self.leader is not None:
+            cached = caches is not None and embeddings is None
+            self.leader.record(Insert(model.name, list(uids), prompts, [max_tokens] * req.n, history,
+                                      [key for _, key in samplers], self._cache_key(req.cache_scope) if cached else None,
+                                      tokens if cached else None))
         for uid, choice in zip(uids, choices):
             choice.uid = uid
             self.choices[uid] = choice
@@ -307,31 +316,21 @@ class _ModelRunner:
         reporter = LogprobReporter(self.model.tokenizer, top)
         first = reporter.token_bytes(tokens[0])
         entries = [TokenLogprob(first.decode("utf-8", errors="replace"), tuple(first), None)]
-        cache = make_prompt_cache(self.model.model)
-        for start in range(0, len(tokens) - 1, PREFILL_STEP):
-            chunk = tokens[start : min(start + PREFILL_STEP, len(tokens) - 1)]
-            logits = self.model.model(mx.array(chunk)[None], cache=cache)[0].astype(mx.float32)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            mx.eval(logprobs)
-            entries += [reporter.report(logprobs[j], tokens[start + j + 1]) for j in range(len(chunk))]
+        stream = mx.default_stream(mx.default_device())
+        if self.leader is not None:
+            self.leader.send(PromptPass(self.model.name, tokens))
+            stream = self.leader.ring.stream
+        start = 0
+        with mx.stream(stream):
+            for logits in prompt_logits(self.model.model, tokens):
+                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                mx.eval(logprobs)
+                entries += [reporter.report(logprobs[j], tokens[start + j + 1]) for j in range(logits.shape[0])]
+                start += logits.shape[0]
         return tuple(entries)
 
     def _cache_key(self, scope: str) -> str:
         return f"{self.model.name}\x00{scope}"
-
-    def _cached_prefix(self, scope: str, tokens: list[int]) -> tuple[list | None, list[int]]:
-        """A copy of the KV cache of the longest cached prefix of `tokens` in the request's scope,
-        and the tokens left to prefill."""
-        if self.prompt_cache is None:
-            return None, tokens
-        cache, rest = self.prompt_cache.fetch_nearest_cache(self._cache_key(scope), tokens)
-        if cache is not None and not rest:
-            # The whole prompt is cached: recompute its last token, whose logits start the answer.
-            if not can_trim_prompt_cache(cache):
-                return None, tokens
-            trim_prompt_cache(cache, 1)
-            rest = tokens[-1:]
-        return cache, rest
 
     def _remember(self, choice: _Choice, response: GenerationBatch.Response) -> None:
         """Keep a finished sequence's KV cache for later prompts that share its tokens."""
@@ -339,8 +338,10 @@ class _ModelRunner:
             # mlx-lm extracts the sequence's KV as a lazy slice of the whole batch's buffer: evaluated
             # now, the entry owns exactly the bytes the cache counts instead of keeping the batch alive.
             mx.eval([c.state for c in response.prompt_cache])
-            self.prompt_cache.insert_cache(self._cache_key(choice.owner.request.cache_scope),
-                                           list(response.all_tokens), response.prompt_cache)
+            key = self._cache_key(choice.owner.request.cache_scope)
+            self.prompt_cache.insert_cache(key, list(response.all_tokens), response.prompt_cache)
+            if self.leader is not None:
+                self.leader.record(Remember(self.model.name, choice.uid, key, len(self.prompt_cache)))
 
     def _prefill(self, tokens: list[int], embeddings: mx.array) -> list:
         cache = make_prompt_cache(self.model.model)
@@ -352,6 +353,8 @@ class _ModelRunner:
         return cache
 
     def step(self) -> None:
+        if self.leader is not None:
+            self.leader.send(Step(self.model.name))
         _, responses = self.generator.next()
         for choice in [c for c in self.choices.values() if c.error is not None]:
             if choice.uid in self.choices:
@@ -371,7 +374,7 @@ class _ModelRunner:
                 choice.pending_logprobs.append(choice.reporter.report(r.logprobs, r.token))
             text, hit = choice.stops.feed(choice.detokenizer.add(r.token))
             if hit:
-                self.generator.remove([choice.uid])
+                self._remove([choice.uid])
                 self._send(choice, text, cut=True, final=True)
                 self._end(choice, "stop")
             else:
@@ -444,7 +447,7 @@ class _ModelRunner:
         """Stop every choice of the request; returns them."""
         choices = [c for c in self.choices.values() if c.owner.id == request_id]
         if choices:
-            self.generator.remove([c.uid for c in choices])
+            self._remove([c.uid for c in choices])
             for choice in choices:
                 del self.choices[choice.uid]
             log.debug("cancelled request %d (%d running choices)", request_id, len(choices))
@@ -460,7 +463,7 @@ class _ModelRunner:
         """After an unexpected MLX failure: tell every request, start from a clean batch."""
         owners = {c.owner.id: c.owner for c in self.choices.values()}
         self.choices.clear()
-        self.generator = self._new_generator()
+        self.generator = new_generator(self.model, self.max_sequences)  # a single process: no leader here
         for owner in owners.values():
             owner.sink(error)
 
@@ -472,8 +475,10 @@ class Scheduler:
     LOAD_TIMEOUT = 30 * 60
     CALL_TIMEOUT = 60
 
-    def __init__(self, manager: ModelManager, logs: LogHub, prompt_cache_bytes: int, max_concurrent: int):
+    def __init__(self, manager: ModelManager, logs: LogHub, prompt_cache_bytes: int, max_concurrent: int,
+                 leader: Leader | None = None):
         self.manager = manager
+        self.leader = leader  # rank 0 of a distributed server: the other ranks follow this thread's steps
         self.logs = logs
         self.prompt_cache_bytes = prompt_cache_bytes
         self.max_concurrent = max_concurrent
@@ -550,6 +555,17 @@ class Scheduler:
             f"The engine stopped ({self.failure!r}) and cannot serve requests; restart mlxserve "
             "(its log has the traceback)")
 
+    def abort(self, error: BaseException) -> None:
+        """Fail everything in flight and everything after with `error`, from any thread: a distributed
+        server that lost a rank, whose engine thread may wait in a collective that never completes."""
+        if self.failure is not None:
+            return
+        self.failure = error
+        owners = {c.owner.id: c.owner for r in list(self._runners.values()) for c in list(r.choices.values())}
+        for sink in [o.sink for o in owners.values()] + [j.sink for j in list(self._embed_jobs)]:
+            sink(error)
+        self._drain()
+
     def _drain(self) -> None:
         """After the engine thread died: fail every command still queued (safe from any thread)."""
         while True:
@@ -575,11 +591,14 @@ class Scheduler:
 
     def _drop(self, model_id: str) -> None:
         self._runners.pop(model_id, None)
+        if self.leader is not None:
+            self.leader.unloaded(model_id)
 
     def _runner(self, model_id: str, ttl: float | None) -> _ModelRunner:
         model = self.manager.acquire(model_id, ttl, self._busy)
         if model_id not in self._runners:
-            self._runners[model_id] = _ModelRunner(model, self.logs, self.prompt_cache_bytes, self.max_concurrent)
+            self._runners[model_id] = _ModelRunner(model, self.logs, self.prompt_cache_bytes, self.max_concurrent,
+                                                   self.leader)
         return self._runners[model_id]
 
     def _handle(self, command: object) -> None:
@@ -637,6 +656,8 @@ class Scheduler:
                 try:
                     runner.step()
                 except Exception as exc:
+                    if self.leader is not None:  # the other ranks' batches cannot be known: stop the engine
+                        raise
                     log.exception("generation step failed for %s", runner.model.name)
                     runner.fail_all(exc)
 
@@ -658,6 +679,8 @@ class Scheduler:
         busy = bool(self._embed_jobs) or any(r.busy for r in self._runners.values())
         for command in self._pending_commands(block=not busy):
             if command is None:
+                if self.leader is not None:
+                    self.leader.stop()
                 return False
             try:
                 self._handle(command)
@@ -665,9 +688,13 @@ class Scheduler:
                 log.exception("engine command failed")
                 if isinstance(command, (_Submit, _Embed)):
                     command.sink(exc)
+        if self.leader is not None and self.leader.lost is not None:
+            raise self.leader.lost  # a command's collective found the group broken
         self._embed_step()
         self._decode_step()
         self.manager.expire(self._busy)
+        if self.leader is not None:
+            self.leader.tick(self.manager.loaded_ids())
         return True
 
     def _run(self) -> None:
@@ -678,6 +705,8 @@ class Scheduler:
             # A bug outside the per-request guards: fail everything now, rather than let requests
             # wait on a thread that will never answer them.
             log.critical("the engine thread stopped", exc_info=True)
+            if self.failure is not None:  # abort() has told everyone already
+                return
             self.failure = exc
             owners = {c.owner.id: c.owner for r in self._runners.values() for c in r.choices.values()}
             for sink in [o.sink for o in owners.values()] + [j.sink for j in self._embed_jobs]:

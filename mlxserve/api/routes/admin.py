@@ -83,7 +83,9 @@ async def unload(request: Request) -> HTTPResponse:
 async def ps(request: Request) -> HTTPResponse:
     engine = request.app.ctx.engine
     loaded = [loaded_object(m) for m in await engine.loaded()]
-    return json({"object": "list", "data": loaded, "memory": asdict(engine.memory())})
+    ranks = engine.ranks()
+    return json({"object": "list", "data": loaded, "memory": asdict(engine.memory()),
+                 "ranks": None if ranks is None else [asdict(r) for r in ranks]})
 
 
 @bp.get("/logs/stream")
