@@ -77,7 +77,7 @@ class ModelManager:
                  allowed: frozenset[str] | None = None, clock: Callable[[], float] = time.monotonic,
                  prompt_cache_bytes: int = 0, loader: Callable[[str], Any] | None = None):
         self.store = store
-        self._loader = loader or store.load  # a distributed server loads text models on every rank
+        self._loader = loader  # a distributed server's: text models on every rank (None: the store's)
         self.max_bytes = max_bytes
         self.prompt_cache_bytes = prompt_cache_bytes  # each generating model may fill this much
         self.default_ttl = default_ttl
@@ -139,7 +139,7 @@ class ModelManager:
         started = time.perf_counter()
         self.loading = model_id
         try:
-            model = self._loader(model_id)
+            model = (self._loader or self.store.load)(model_id)
         finally:
             self.loading = None
         memory = max(held_memory() - before, weights) + cache
