@@ -23,11 +23,16 @@ on rank 0 within about a second, and the engine stops with a 503 for every reque
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import os
+import secrets
 import socket
+import threading
 import time
+import weakref
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,9 +156,6 @@ def _rank0_address() -> str:
 def watch_followers(ring: Ring, lost: Any) -> None:
     """Rank 0: take a lifeline from every follower (address and a secret sent over the ring), and call
     `lost(rank)` from a thread of its own when one closes."""
-    import secrets
-    import threading
-
     server = socket.create_server((_rank0_address(), 0))
     secret = secrets.token_hex(16)
     ring.broadcast(json.dumps([server.getsockname()[1], secret]).encode(), stream=mx.cpu)
@@ -185,8 +187,6 @@ def watch_followers(ring: Ring, lost: Any) -> None:
 
 def hold_lifeline(ring: Ring) -> None:
     """A follower: connect to rank 0's lifeline; when rank 0's process ends, end this one."""
-    import threading
-
     port, secret = json.loads(ring.broadcast(stream=mx.cpu))
     line = socket.create_connection((_rank0_address(), port), timeout=60)
     line.sendall(json.dumps({"rank": ring.rank, "secret": secret}).encode())
@@ -383,7 +383,8 @@ class Leader:
     _sharded: set[str] = field(default_factory=set)
     _reports: list[_RankReport] = field(default_factory=list)
     _reported_at: float = 0.0
-    _samplers: dict[int, Any] = field(default_factory=dict)
+    _samplers: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
+    _keys: Iterator[int] = field(default_factory=itertools.count)
     _dead: set[int] = field(default_factory=set)
     # Told when a follower's process ends (from its lifeline's thread): the scheduler fails what is in flight.
     on_lost: Any = None
@@ -444,13 +445,16 @@ class Leader:
     def sampler(self, sampler: Any, shared: bool) -> tuple[Any, int | None]:
         """`sampler` with rank 0's tokens sent to every rank, and the key followers mirror it by:
         one object for a shared sampler (mlx-lm samples a batch in one call only when its samplers are
-        one object, and every rank must make the same calls)."""
+        one object, and every rank must make the same calls). A wrapper lives as long as sequences hold
+        it (the map is weak, so distinct temperatures from clients do not pile up); keys are never reused."""
         if not shared:
             return self.ring.sampler(sampler), None
-        key = id(sampler)
-        if key not in self._samplers:
-            self._samplers[key] = (sampler, self.ring.sampler(sampler))  # holds `sampler`: its id stays its own
-        return self._samplers[key][1], key
+        wrapper = self._samplers.get(id(sampler))  # alive: it holds `sampler`, so the id is still its own
+        if wrapper is None:
+            wrapper = self.ring.sampler(sampler)
+            wrapper.key = next(self._keys)
+            self._samplers[id(sampler)] = wrapper
+        return wrapper, wrapper.key
 
     def tick(self, models: list[str]) -> None:
         """Every REPORT_SECONDS, busy or idle: each rank's memory, and proof that every rank is there."""
@@ -490,7 +494,7 @@ class _Mirror:
         # evict in the same (insertion) order.
         self.prompt_cache = LRUPromptCache(1 << 62, 1 << 62) if op.prompt_cache else None
         self.uids: dict[int, int] = {}  # rank 0's uid -> this generator's
-        self.samplers: dict[int, Any] = {}
+        self.samplers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # as rank 0's: key -> stand-in
         self.finished: dict[int, Any] = {}  # rank 0's uid -> the response that finished it, until the next step
 
     def insert(self, op: Insert) -> None:
@@ -500,18 +504,23 @@ class _Mirror:
             if cache is None or rest != op.prompts[0]:
                 raise RuntimeError("this rank's prompt cache no longer matches rank 0's")
             caches = [cache] + [copy.deepcopy(cache) for _ in op.prompts[1:]]
-        samplers = [self.ring.sampler() if key is None else self.samplers.setdefault(key, self.ring.sampler())
-                    for key in op.samplers]
+        samplers = [self.ring.sampler() if key is None else self._shared(key) for key in op.samplers]
         uids = self.generator.insert(op.prompts, max_tokens=op.max_tokens, caches=caches, all_tokens=op.history,
                                      samplers=samplers)
         self.uids.update(zip(op.uids, uids))
+
+    def _shared(self, key: int) -> Any:
+        stand_in = self.samplers.get(key)
+        if stand_in is None:
+            stand_in = self.samplers[key] = self.ring.sampler()
+        return stand_in
 
     def remove(self, op: Remove) -> None:
         uids = [self.uids.pop(u) for u in op.uids if u in self.uids]
         if uids:
             self.generator.remove(uids)
 
-    def step(self) -> None:
+    def step(self, op: Step) -> None:
         self.finished = {}
         _, responses = self.generator.next()
         own = {mine: theirs for theirs, mine in self.uids.items()}
@@ -532,6 +541,9 @@ class _Mirror:
         with mx.stream(self.ring.stream):
             for logits in prompt_logits(self.model.model, op.tokens):
                 mx.eval(logits)
+
+
+_MIRRORED = {Insert: "insert", Remove: "remove", Remember: "remember", Step: "step", PromptPass: "prompt_pass"}
 
 
 def follow(ring: Ring, store: ModelStore) -> int:
@@ -560,13 +572,5 @@ def follow(ring: Ring, store: ModelStore) -> int:
             elif isinstance(op, Unload):
                 mirrors.pop(op.model, None)
                 release_memory()
-            elif isinstance(op, Insert):
-                mirrors[op.model].insert(op)
-            elif isinstance(op, Remove):
-                mirrors[op.model].remove(op)
-            elif isinstance(op, Remember):
-                mirrors[op.model].remember(op)
-            elif isinstance(op, Step):
-                mirrors[op.model].step()
-            elif isinstance(op, PromptPass):
-                mirrors[op.model].prompt_pass(op)
+            else:  # an operation on one model's batch: the mirror's method of that name
+                getattr(mirrors[op.model], _MIRRORED[type(op)])(op)

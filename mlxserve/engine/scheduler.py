@@ -555,12 +555,14 @@ class Scheduler:
             f"The engine stopped ({self.failure!r}) and cannot serve requests; restart mlxserve "
             "(its log has the traceback)")
 
-    def abort(self, error: BaseException) -> None:
-        """Fail everything in flight and everything after with `error`, from any thread: a distributed
-        server that lost a rank, whose engine thread may wait in a collective that never completes."""
+    def abort(self, failure: BaseException, told: Callable[[], BaseException] | None = None) -> None:
+        """Record why the engine cannot go on, and fail everything in flight and after with `failure` (or
+        what `told` makes of it). Safe from any thread: a distributed server that lost a rank calls it from
+        the rank's lifeline while the engine thread may wait in a collective that never completes."""
         if self.failure is not None:
             return
-        self.failure = error
+        self.failure = failure
+        error = failure if told is None else told()
         owners = {c.owner.id: c.owner for r in list(self._runners.values()) for c in list(r.choices.values())}
         for sink in [o.sink for o in owners.values()] + [j.sink for j in list(self._embed_jobs)]:
             sink(error)
@@ -705,10 +707,4 @@ class Scheduler:
             # A bug outside the per-request guards: fail everything now, rather than let requests
             # wait on a thread that will never answer them.
             log.critical("the engine thread stopped", exc_info=True)
-            if self.failure is not None:  # abort() has told everyone already
-                return
-            self.failure = exc
-            owners = {c.owner.id: c.owner for r in self._runners.values() for c in r.choices.values()}
-            for sink in [o.sink for o in owners.values()] + [j.sink for j in self._embed_jobs]:
-                sink(self._unavailable())
-            self._drain()
+            self.abort(exc, self._unavailable)
