@@ -13,6 +13,7 @@ for mlxserve.
     python scripts/bench.py --constrained --rounds 3   # structured output against the same requests free
     python scripts/bench.py --formats --rounds 4       # what each wire format adds; stored chains
     python scripts/bench.py --synthetic 1.7b           # a random-weight model of SmolLM2-1.7B's shape
+    python scripts/bench.py --synthetic 1.7b --distributed 2   # two ranks on this machine against one process
 
 Each server first gets a warm-up (a decode and a concurrency-8 run) that is not measured. Every
 generation is fixed-length: the model's end tokens are banned (`logit_bias` -100, which all three
@@ -36,6 +37,16 @@ Responses API and Anthropic's /v1/messages, in rounds of random order, same prom
 cache serves them alike); the difference of the medians is what a wire format adds per request.
 Then the time to first token of the sixth turn of a conversation continued with
 `previous_response_id` against the same kind of conversation resent whole through chat completions.
+
+With --distributed N, mlxserve alone: N ranks on this machine (MLX's ring backend over loopback,
+started with MLX_RANK and MLX_HOSTFILE as `mlx.launch` sets them, each rank pinned to its own share
+of the CPUs) against one process with all of them: single-stream decode and aggregate output at
+concurrency 8, and the bytes the ranks exchange per decoded token (loopback's byte counter over two
+greedy requests of the same prompt that differ only in length, so prompt and per-request costs
+cancel) against the least a tensor-parallel step must exchange: two all-reduces of the hidden state
+per layer, each moving 2(N-1)/N of its float32 bytes per rank (--pipeline: one hand-off of the
+hidden state per stage boundary). On one machine this measures what the collectives cost, not a
+speed-up: the ranks share its cores and memory bandwidth.
 """
 
 from __future__ import annotations
@@ -83,6 +94,7 @@ class Server:
     model: str  # what requests put in "model"
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
+    cpus: set[int] | None = None  # pin the process to these CPUs (Linux)
     port: int = field(default_factory=_free_port)
     process: subprocess.Popen | None = None
     peak_rss: int = 0
@@ -91,7 +103,7 @@ class Server:
         log = open(log_dir / f"{self.name}.log", "wb")
         command = [part.replace("{port}", str(self.port)) for part in self.command]
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **self.env}, cwd=self.cwd)
+                                        env={**os.environ, **self.env}, cwd=self.cwd, preexec_fn=self._pin)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -106,6 +118,10 @@ class Server:
         else:
             raise RuntimeError(f"{self.name} did not start")
         threading.Thread(target=self._watch_memory, daemon=True).start()
+
+    def _pin(self) -> None:
+        if self.cpus is not None:
+            os.sched_setaffinity(0, self.cpus)
 
     def _watch_memory(self) -> None:
         while self.process and self.process.poll() is None:
@@ -432,6 +448,126 @@ def _sixth_turn_ttft(server: Server, rng: random.Random, chained: bool, reply_to
     return first - start
 
 
+@dataclass
+class RankedServer(Server):
+    """Ranks 1..N-1 started first, then rank 0 (this Server's process), MLX_RANK and MLX_HOSTFILE set as
+    mlx.launch sets them; each rank on its own share of the CPUs."""
+
+    ranks: int = 2
+    followers: list[subprocess.Popen] = field(default_factory=list)
+
+    def start(self, log_dir: Path) -> None:
+        hostfile = log_dir / "ring.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{_free_port()}"] for _ in range(self.ranks)]))
+        cpus = sorted(os.sched_getaffinity(0))
+        shares = [set(cpus[r::self.ranks]) or set(cpus) for r in range(self.ranks)]
+        command = [part.replace("{port}", str(self.port)) for part in self.command]
+        for rank in range(1, self.ranks):
+            log = open(log_dir / f"{self.name}-rank{rank}.log", "wb")
+            env = {**os.environ, **self.env, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
+            self.followers.append(subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd,
+                preexec_fn=lambda share=shares[rank]: os.sched_setaffinity(0, share)))
+        self.env = {**self.env, "MLX_RANK": "0", "MLX_HOSTFILE": str(hostfile)}
+        self.cpus = shares[0]
+        super().start(log_dir)
+
+    def stop(self) -> None:
+        super().stop()
+        for follower in self.followers:
+            try:
+                follower.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                follower.kill()
+
+
+def _loopback_bytes() -> int:
+    """Bytes the loopback interface has carried (each byte once), from /proc/net/dev."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            return int(counters.split()[0])
+    raise RuntimeError("no loopback interface in /proc/net/dev")
+
+
+def _ring_bytes_per_token(server: Server, rng: random.Random, no_end: dict[str, float]) -> float:
+    """Loopback bytes per decoded token: two greedy requests of one prompt, 16 and 112 tokens long."""
+    prompt = f"Write a long story about {_words(rng, 6)}."
+    used = []
+    for tokens in (16, 112):
+        before = _loopback_bytes()
+        server.chat({"messages": [{"role": "user", "content": prompt}], "max_tokens": tokens, "temperature": 0,
+                     "logit_bias": no_end})
+        used.append(_loopback_bytes() - before)
+    return (used[1] - used[0]) / 96
+
+
+def _least_bytes_per_token(model_dir: Path, ranks: int, pipeline: bool) -> float:
+    """What a decode step must exchange at the least, in float32 (the CPU path's activations)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    if pipeline:
+        return (ranks - 1) * hidden * 4
+    # An all-reduce of H values among N ranks moves at least 2 (N-1)/N * H values per rank.
+    return layers * 2 * ranks * (2 * (ranks - 1) / ranks) * hidden * 4
+
+
+DISTRIBUTED_METRICS = [("decode_tok_s", "single-stream decode, tokens/s", True),
+                       ("agg_c8_tok_s", "aggregate output, concurrency 8, tokens/s", True)]
+
+
+def _run_distributed(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
+    """N ranks against one process, interleaved rounds (see the module docstring)."""
+    def serve(extra: list[str]) -> list[str]:
+        return [sys.executable, "-m", "mlxserve", "serve", "--home", str(model_dir.parent.parent), "--port", "{port}",
+                "--model", model_dir.name, "--log-level", "warning", *extra]
+
+    layout = "pipeline" if args.pipeline else "tensor"
+    single = Server("mlxserve, 1 process", serve([]), model_dir.name, cwd=ROOT)
+    ranked = RankedServer(f"mlxserve, {args.distributed} ranks ({layout})",
+                          serve(["--distributed"] + (["--pipeline"] if args.pipeline else [])), model_dir.name,
+                          cwd=ROOT, ranks=args.distributed)
+    servers = [ranked, single]
+    results: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
+    exchanged: list[float] = []
+    try:
+        for server in servers:
+            print(f"starting {server.name}…", file=sys.stderr)
+            server.start(scratch)
+            _decode_rate(server, random.Random(1), args.decode_tokens, args.no_end)  # warm-up, not measured
+            _aggregate(server, random.Random(2), 8, args.batch_tokens, args.no_end)
+        with tqdm(total=args.rounds * 2, desc="benchmark", unit="server") as progress:
+            for r in range(args.rounds):
+                for server in (servers if r % 2 == 0 else servers[::-1]):
+                    rng = random.Random(1000 + r)
+                    results[server.name].append({
+                        "decode_tok_s": _decode_rate(server, rng, args.decode_tokens, args.no_end),
+                        "agg_c8_tok_s": _aggregate(server, rng, 8, args.batch_tokens, args.no_end)})
+                    if server is ranked:
+                        exchanged.append(_ring_bytes_per_token(server, rng, args.no_end))
+                    progress.update()
+    finally:
+        for server in servers:
+            server.stop()
+    rows = []
+    for key, label, _ in DISTRIBUTED_METRICS:
+        values = {n: [r[key] for r in results[n]] for n in results}
+        medians = {n: statistics.median(v) for n, v in values.items()}
+        rows.append([label, *(_spread(values[n], medians[n]) for n in results),
+                     f"{medians[ranked.name] / medians[single.name]:.2f}x"])
+    least = _least_bytes_per_token(model_dir, args.distributed, args.pipeline)
+    measured = statistics.median(exchanged)
+    header = [f"median (range) of {args.rounds} rounds, {model_dir.name}", ranked.name, single.name,
+              "ranks vs 1 process"]
+    _print_table(header, rows)
+    print(f"\nbytes exchanged per decoded token: {measured / 1024:.1f} KiB "
+          f"({_spread([e / 1024 for e in exchanged], measured / 1024)} KiB over the rounds); the least a "
+          f"{layout}-parallel step must exchange: {least / 1024:.1f} KiB ({measured / least:.2f}x that)")
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": results, "bytes_per_token": exchanged,
+                                         "least_bytes_per_token": least}, indent=2))
+
+
 def _servers(args: argparse.Namespace, model_dir: Path, scratch: Path) -> list[Server]:
     def mlxserve(name: str, source: Path) -> Server:
         return Server(name, [sys.executable, "-m", "mlxserve", "serve", "--home", str(model_dir.parent.parent),
@@ -493,6 +629,9 @@ def main() -> None:
     parser.add_argument("--formats", action="store_true",
                         help="measure what /v1/responses and /v1/messages add per request over chat completions, "
                              "and a previous_response_id chain against resending the history")
+    parser.add_argument("--distributed", type=int, metavar="N",
+                        help="mlxserve alone: N ranks on this machine (ring over loopback) against one process")
+    parser.add_argument("--pipeline", action="store_true", help="with --distributed: pipeline-parallel ranks")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="sampling temperature of the --constrained requests (default: %(default)s)")
     args = parser.parse_args()
@@ -513,8 +652,9 @@ def main() -> None:
     args.no_end = no_end_bias(model_dir)
     scratch = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
     (scratch / "hf-empty").mkdir()
-    if args.constrained or args.formats:
-        (_run_constrained if args.constrained else _run_formats)(args, model_dir, scratch)
+    if args.constrained or args.formats or args.distributed:
+        run = _run_constrained if args.constrained else _run_formats if args.formats else _run_distributed
+        run(args, model_dir, scratch)
         shutil.rmtree(scratch, ignore_errors=True)
         return
     if args.llamacpp_python and args.gguf is None:
@@ -557,6 +697,15 @@ def _spread(values: list[float], median: float) -> str:
     return f"{_number(median)} ({_number(min(values))}-{_number(max(values))})"
 
 
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table, columns padded to their widest cell."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print("\n| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+
+
 def _report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
     names = list(results)
     medians = {n: {k: statistics.median(r[k] for r in results[n]) for k, _, _ in METRICS} for n in names}
@@ -576,11 +725,7 @@ def _report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace
         t1, t6 = medians[n]["turn1_ttft_s"], medians[n]["turn6_ttft_s"]
         rows.append([f"turn-6 / turn-1 TTFT ({n})", *[""] * len(names), *[""] * len(peers)])
         rows[-1][1 + names.index(n)] = f"{t6 / t1:.2f}"
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print("\n| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+    _print_table(header, rows)
     if args.json:
         import mlx.core as mx
 
