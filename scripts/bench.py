@@ -491,8 +491,10 @@ def _loopback_bytes() -> int:
 
 
 def _ring_bytes_per_token(server: Server, rng: random.Random, no_end: dict[str, float]) -> float:
-    """Loopback bytes per decoded token: two greedy requests of one prompt, 16 and 112 tokens long."""
+    """Loopback bytes per decoded token: two greedy requests of one prompt, 16 and 112 tokens long, after
+    a first one that puts the prompt in the prompt cache (both then prefill the same: its last token)."""
     prompt = f"Write a long story about {_words(rng, 6)}."
+    server.chat({"messages": [{"role": "user", "content": prompt}], "max_tokens": 1, "temperature": 0})
     used = []
     for tokens in (16, 112):
         before = _loopback_bytes()
