@@ -21,7 +21,7 @@ import pytest
 from openai import OpenAI
 
 from mlxserve.engine.gguf import convert_gguf
-from tests.conftest import SMOLLM, TINY
+from tests.conftest import MINILM, SMOLLM, TINY, TINY_VLM
 from tests.fixtures.http import request
 from tests.fixtures.server import ServerProcess, free_port
 from tests.fixtures.tiny_gguf import write_tiny_gguf
@@ -252,7 +252,8 @@ def test_mlxserve_launch_starts_the_group_and_a_sigterm_leaves_no_process_behind
 def smollm_home(default_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("distributed-smollm")
     (home / "models").mkdir()
-    (home / "models" / SMOLLM).symlink_to(default_home / "models" / SMOLLM)
+    for name in (SMOLLM, MINILM):
+        (home / "models" / name).symlink_to(default_home / "models" / name)
     return home
 
 
@@ -265,11 +266,30 @@ def test_the_default_model_on_three_ranks_answers_as_one_process(smollm_home: Pa
         group.stop()
 
 
-def test_the_default_model_does_not_split_its_nine_heads_over_two_ranks(smollm_home: Path) -> None:
+def test_on_two_ranks_the_default_chat_model_is_refused_and_the_embedding_model_runs_on_rank_0(
+        smollm_home: Path, default_client: OpenAI) -> None:
     group = Group(smollm_home, [])
     try:
         with pytest.raises(openai.BadRequestError) as refused:
             complete(group.client, SMOLLM, "hello")
         assert "9 attention heads" in refused.value.message and "2 ranks" in refused.value.message
+        texts = ["a distributed server", "embeds on rank 0"]
+        got = group.client.embeddings.create(model=MINILM, input=texts).data
+        want = default_client.embeddings.create(model=MINILM, input=texts).data
+        for mine, theirs in zip(got, want):
+            assert mine.embedding == pytest.approx(theirs.embedding, abs=1e-5)
+        time.sleep(1.5)  # a report from every rank
+        ranks = group.health()[1]["ranks"]
+        assert ranks[0]["models"] == [MINILM] and ranks[1]["models"] == []
+    finally:
+        group.stop()
+
+
+def test_a_vision_model_is_refused_by_a_distributed_server(vlm_home: Path) -> None:
+    group = Group(vlm_home, [])
+    try:
+        with pytest.raises(openai.BadRequestError) as refused:
+            complete(group.client, TINY_VLM, "hello")
+        assert refused.value.code == "model_not_shardable" and "vision" in refused.value.message
     finally:
         group.stop()
