@@ -180,6 +180,16 @@ def test_health_and_ps_show_every_rank(tensor) -> None:
     assert [r["rank"] for r in ps["ranks"]] == [0, 1]
 
 
+def test_an_unload_frees_the_model_on_every_rank_and_the_next_request_loads_it_again(tensor, single) -> None:
+    base = tensor.server.base_url.removesuffix("/v1")
+    assert request(base + "/api/v0/models/unload", "POST", {"model": TINY}).json() == {"unloaded": [TINY]}
+    time.sleep(1.5)  # a report from every rank
+    assert [r["models"] for r in tensor.health()[1]["ranks"]] == [[], []]
+    assert complete(tensor.client, TINY, "the cat sat") == complete(single, TINY, "the cat sat")
+    time.sleep(1.5)
+    assert [r["models"] for r in tensor.health()[1]["ranks"]] == [[TINY], [TINY]]
+
+
 def test_a_model_the_architecture_cannot_split_is_refused_by_name(pipeline) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         complete(pipeline.client, TINY, "hello")
