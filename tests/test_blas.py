@@ -48,7 +48,7 @@ def test_the_shim_is_in_front_of_openblas_and_exact(tmp_path: Path):
 
 
 QUANTIZED_SCRIPT = textwrap.dedent("""
-    import gc, json
+    import gc, json, re, sys
     from mlxserve import blas
     blas.preload_openblas()
     import mlx.core as mx, mlx.nn as nn, numpy as np
@@ -83,6 +83,10 @@ QUANTIZED_SCRIPT = textwrap.dedent("""
         x = mx.random.normal((4, 576))  # a view of the weight's first rows: the same address, fewer rows
         first = np.array(x @ model.proj._placeholder[:100].T)
         case["first_rows"] = float(np.abs(first - np.array(x).astype(np.float64) @ dense["proj"][:100].T).max())
+        x = mx.random.normal((1, 576))
+        mx.eval(x)
+        mx.export_to_dot(f"{sys.argv[1]}/graph.dot", model.embed.as_linear(x))
+        case["graph"] = sorted(re.findall(r'label ?= ?"(\\w+)"', open(f"{sys.argv[1]}/graph.dot").read()))
         x = mx.random.normal((11, 576))
         together = np.array(model.proj(x))
         case["same_alone"] = all(np.array_equal(np.array(model.proj(x[i:i + n])), together[i:i + n])
@@ -109,11 +113,11 @@ def test_products_from_quantized_bytes_are_exact_for_any_rows_and_the_same_alone
     """4- and 8-bit layers (and a quantized embedding used as the output layer) multiply any number of
     rows from their quantized bytes, one product per call, whatever the input's layout (a transposed one
     of more rows than the shim copies at once included), and by a view of the weight's first rows (which
-    multiplied by the placeholder's zeros before); a row's outputs
+    multiplied by the placeholder's zeros before), each one MLX operation; a row's outputs
     are bit-for-bit the same alone or among others; and when the model is collected its weights leave
     the registry and their placeholders are gone."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", QUANTIZED_SCRIPT], capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, "-c", QUANTIZED_SCRIPT, str(tmp_path)], capture_output=True, text=True, env=env,
                          check=True).stdout
     results = json.loads(out)
     assert results["many"]["registered"] == 300 and results["many"]["error"] < 1e-5
@@ -122,6 +126,7 @@ def test_products_from_quantized_bytes_are_exact_for_any_rows_and_the_same_alone
         assert case["products"] == [1] * 16, case
         assert max(case["errors"]) < 1e-5 and case["lookup"] < 1e-6 and case["first_rows"] < 1e-4, case
         assert case["same_alone"], case
+        assert case["graph"] == ["Matmul"], case  # a product is one MLX operation: no transpose made per call
         assert case["registered_after"] == 0 and case["placeholders_after"] == 0, case
 
 
