@@ -120,6 +120,60 @@ def _exp_parts(scores: mx.array) -> tuple[mx.array, mx.array]:
     return _pow2_parts(mx.maximum((scores - mx.max(scores, axis=-1, keepdims=True)) * _LOG2E, -126.0))
 
 
+# The polynomial takes three operations to MLX's exp's one: it pays from about 1,024 elements (in a
+# chain of 30 calls: 1,024 elements 45 vs 47 us, 1,536 46 vs 54, 12,288 105 vs 326; 512 72 vs 30).
+FAST_EXP_ELEMENTS = 1024
+
+
+@partial(mx.compile, shapeless=True)
+def _nonpositive_exp_parts(x: mx.array) -> tuple[mx.array, mx.array]:
+    return _pow2_parts(mx.maximum(x * _LOG2E, -126.0))
+
+
+def exp_nonpositive(x: mx.array) -> mx.array:
+    """e^x for x <= 0 (below e^-87, 0): from the polynomial for float32 on the CPU, MLX's exp elsewhere.
+
+    MLX's exp takes about 25 ns per element on the CPU: over a vocabulary of 49,152 tokens that is
+    1.3 ms a row, for each normalisation and each draw of every decode step."""
+    if x.dtype != mx.float32 or mx.default_device() != mx.cpu:
+        return mx.exp(x)
+    p, bits = _nonpositive_exp_parts(x)
+    return p * mx.view(bits, mx.float32)
+
+
+_mlx_logsumexp = mx.logsumexp
+
+
+def logsumexp(a: mx.array, axis: int | list[int] | None = None, keepdims: bool = False, *,
+              stream: mx.Stream | mx.Device | None = None) -> mx.array:
+    """`mx.logsumexp`, with the exp of `exp_nonpositive` along the last axis of rows of FAST_EXP_ELEMENTS
+    or more (vocabularies: mlx-lm normalises every decode step's logits with it, 3x faster so).
+
+    Within 2e-7 of MLX's; a row of -inf alone gives -inf, as MLX's. Row by row, so that a row's result
+    does not depend on the rows beside it (MLX sums one row and many by different routes): a seeded
+    request's log-probabilities, and so its draws, are the same alone or batched. Anything else goes
+    to MLX's.
+    """
+    if (stream is not None or a.dtype != mx.float32 or a.ndim == 0 or axis not in (-1, a.ndim - 1)
+            or a.shape[-1] < FAST_EXP_ELEMENTS):
+        return _mlx_logsumexp(a, axis=axis, keepdims=keepdims, stream=stream)
+    rows = a.reshape(-1, 1, a.shape[-1])
+    out = mx.concatenate([_row_logsumexp(row) for row in rows]).reshape(*a.shape[:-1], 1)
+    return out if keepdims else mx.squeeze(out, -1)
+
+
+def _row_logsumexp(row: mx.array) -> mx.array:
+    top = mx.max(row, axis=-1, keepdims=True)
+    shift = mx.where(top == -math.inf, 0.0, top)
+    return shift + mx.log(mx.sum(exp_nonpositive(row - shift), axis=-1, keepdims=True))
+
+
+def install_logsumexp() -> None:
+    """Make `logsumexp` the process's `mx.logsumexp` (mlx-lm's batch generator calls it there); only for a
+    process that computes on the CPU."""
+    mx.logsumexp = logsumexp
+
+
 @partial(mx.compile, shapeless=True)
 def _normalize(p: mx.array, powers: mx.array) -> mx.array:
     e = p * powers
@@ -174,11 +228,13 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, *, scale: flo
 
 # SwiGLU's sigmoid is an exp per element of the MLP's widest activation: in a prompt, MLX's exp
 # (13 ns per element) was 7% of the CPU time, all of it on the one thread that runs MLX's
-# elementwise operations. The same polynomial as the softmax's makes it about 3.7x faster. It takes
-# three operations to MLX's one, which pays from about 1,024 elements (measured in a chain of 30 calls:
-# 1,024 elements 45 vs 47 us, 1,536 46 vs 54, 12,288 105 vs 326; 512 72 vs 30): a SmolLM2 decode
-# step's 1,536 and a batch's more. Below that MLX's own is faster.
-FAST_SWIGLU_ELEMENTS = 1024
+# elementwise operations. The same polynomial as the softmax's makes it about 3.7x faster. Below
+# FAST_SWIGLU_ELEMENTS decode steps keep MLX's: there the polynomial measured about 5% faster a step
+# (SmolLM2), but it moves a seeded request's draws, and a row's numbers alone and in a batch are not
+# bit-for-bit the same outside the quantized products (attention over left-padded keys sums in
+# another order: log-probabilities apart by up to 1.6e-5), so with it the seeded alone-versus-batched
+# texts of tests/api/test_sampling_effects.py parted at a near tie.
+FAST_SWIGLU_ELEMENTS = 1 << 16
 
 
 @partial(mx.compile, shapeless=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -92,16 +95,32 @@ def test_installed_attention_hands_sinks_to_mlx():
     assert mx.array_equal(got, cpu_fused._mlx_attention(q, k, v, scale=0.25, mask="causal", sinks=sinks))
 
 
-def test_swiglu_of_a_prompt_or_a_decode_step_matches_mlx_and_a_small_one_is_mlxs_own():
+def test_swiglu_of_a_prompt_matches_mlx_and_a_decode_step_is_mlxs_own():
     gate = mx.concatenate([mx.random.normal((500, 1530)) * 8,
                            mx.array([[0.0, 90.0, -90.0, 200.0, -200.0, 1e-30]] * 500)], axis=1)
     x = mx.random.normal(gate.shape)
-    for rows in (500, 1):  # a prompt; a SmolLM2 decode step (1,536 elements)
-        got, want = cpu_fused.swiglu(gate[:rows], x[:rows]), cpu_fused._mlx_swiglu(gate[:rows], x[:rows])
-        assert mx.allclose(got, want, rtol=1e-6, atol=1e-30)  # no inf, no NaN at the extremes either
-        assert not mx.array_equal(got, want)  # the polynomial's, not MLX's
-    small_gate, small_x = gate[:1, :512], x[:1, :512]
-    assert mx.array_equal(cpu_fused.swiglu(small_gate, small_x), cpu_fused._mlx_swiglu(small_gate, small_x))
+    got, want = cpu_fused.swiglu(gate, x), cpu_fused._mlx_swiglu(gate, x)
+    assert mx.allclose(got, want, rtol=1e-6, atol=1e-30)  # no inf, no NaN at the extremes either
+    step_gate, step_x = gate[:1], x[:1]
+    assert mx.array_equal(cpu_fused.swiglu(step_gate, step_x), cpu_fused._mlx_swiglu(step_gate, step_x))
+
+
+def test_logsumexp_matches_mlx_row_by_row_and_is_what_mlx_lm_calls():
+    logits = mx.random.normal((5, 49152)) * 6
+    logits = mx.concatenate([logits, mx.full((1, 49152), -math.inf)])  # an all -inf row: -inf, as MLX's
+    logits[0, :100] = -math.inf  # masked tokens
+    got, want = cpu_fused.logsumexp(logits, axis=-1, keepdims=True), cpu_fused._mlx_logsumexp(logits, axis=-1,
+                                                                                               keepdims=True)
+    assert mx.allclose(got, want, rtol=2e-7, atol=0) and got[-1].item() == -math.inf
+    assert all(mx.array_equal(cpu_fused.logsumexp(logits[i], axis=-1), got[i, 0]) for i in range(5))  # alone or not
+    assert cpu_fused.logsumexp(logits, axis=-1).shape == (6,)
+    small = mx.random.normal((3, 10))  # short rows, other axes: MLX's own
+    assert mx.array_equal(cpu_fused.logsumexp(small, axis=0), cpu_fused._mlx_logsumexp(small, axis=0))
+    cpu_fused.install_logsumexp()
+    try:
+        assert importlib.import_module("mlx_lm.generate").mx.logsumexp is cpu_fused.logsumexp
+    finally:
+        mx.logsumexp = cpu_fused._mlx_logsumexp
 
 
 def test_installed_swiglu_is_what_loaded_models_call():
