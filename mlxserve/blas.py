@@ -159,6 +159,7 @@ def preload_openblas() -> str | None:
             if shim.mlxserve_gemv_shim_init(path.encode(), cpus) != 0:
                 raise OSError(f"the gemv shim cannot find sgemm/sgemv in {path}; set MLXSERVE_BLAS_SHIM=off")
             shim.mlxserve_quantized_products.restype = ctypes.c_long
+            shim.mlxserve_attention_products.restype = ctypes.c_long
             gemv_shim, _shim = shim_path, shim
         why_not = "" if isinstance(built, Path) else built
         loaded = path
@@ -221,6 +222,11 @@ def unregister_quantized(dense: Any) -> None:
 def quantized_products() -> int:
     """How many products the shim has computed from quantized bytes in this process."""
     return 0 if _shim is None else _shim.mlxserve_quantized_products()
+
+
+def attention_products() -> int:
+    """How many attention-shaped products (a side of at most 256) the shim has computed in this process."""
+    return 0 if _shim is None else _shim.mlxserve_attention_products()
 
 
 def helper_threads() -> int:

@@ -8,6 +8,8 @@
  *    for 4- or 8-bit affine weights (MLX's layout: w = scale * q + bias per group along a row), and the
  *    product is computed from those bytes (W itself is a placeholder whose contents are never read;
  *    mlxserve/engine/cpu.py hands its pages back to the kernel).
+ *  - attention's products (a side of at most 256: queries by keys, probabilities by values), computed
+ *    here so that a row's sums run in the same order alone or in any batch (below).
  *  - one- and two-row products by any other W: OpenBLAS's sgemv, row by row, which reads the weights
  *    about four times as fast as its sgemm does for so few rows.
  *
@@ -135,6 +137,11 @@ static atomic_long quantized_products;
 /* How many products the registry has served: lets tests and benchmarks see that it is in use. */
 long mlxserve_quantized_products(void) { return atomic_load(&quantized_products); }
 
+static atomic_long attention_products;
+
+/* How many attention-shaped products the shim has computed itself (below). */
+long mlxserve_attention_products(void) { return atomic_load(&attention_products); }
+
 /* ---- quantized products ----
  *
  * Every product by a registered W is computed the same way, whatever the number of rows: W's rows are
@@ -146,13 +153,15 @@ long mlxserve_quantized_products(void) { return atomic_load(&quantized_products)
  */
 
 typedef struct {
-  const QWeight *w;
+  const QWeight *w; /* NULL for an attention product (below): then `b` is the other matrix */
   int m;           /* input rows */
   const float *x;  /* m rows of k, `ldx` apart */
   int ldx;
   float *y;
   int ldy;
   float alpha, beta; /* y = alpha * (W x) + beta * y, as sgemm */
+  const float *b;  /* an attention product's B: k rows of n, `ldb` apart */
+  int ldb, n, k;
 } Product;
 
 typedef float v8 __attribute__((vector_size(32)));
@@ -345,7 +354,7 @@ typedef struct {
   size_t size;
 } Scratch;
 
-static __thread Scratch inputs, tiles;
+static __thread Scratch inputs, tiles, keys;
 
 static float *scratch_for(Scratch *s, size_t floats) {
   if (floats > s->size) {
@@ -382,6 +391,62 @@ static void run_rows(const Product *p, int r0, int r1) {
   }
 }
 
+/* ---- attention's products: each output summed in one order, whatever the shapes ----
+ *
+ * Attention multiplies queries by keys (a sum over the head's dimensions) and probabilities by values (a
+ * sum over the keys). OpenBLAS picks its kernels by the matrices' shapes, and their sums round
+ * differently: a row alone and the same row in a batch (more query rows, more keys behind left padding)
+ * came out apart in the last bits, and a seeded request's text then parted at a near tie. Here every
+ * output is one chain of multiply-adds along k, in order: blocks of rows and columns only decide which
+ * chains run side by side. Zero probabilities of a batch's padding come first in their rows and add
+ * nothing, so they change no rounding either. Keys come transposed (q k^T); they are copied the other
+ * way round first, so both products run the one kernel below. */
+
+/* Rows i .. i + rows - 1 of x by B's columns j .. j + 8 * vectors - 1 (B: k rows of n, `ldb` apart). */
+static inline __attribute__((always_inline)) void along_k(const Product *p, int i, int rows, int j, int vectors) {
+  v8 acc[4][2];
+  for (int a = 0; a < rows; a++)
+    for (int v = 0; v < vectors; v++) acc[a][v] = splat8(0.f);
+  const float *x = p->x + (long)i * p->ldx, *b = p->b + j;
+  for (int c = 0; c < p->k; c++, b += p->ldb) {
+    v8 bv[2];
+    for (int v = 0; v < vectors; v++) bv[v] = in_register(load8(b + 8 * v));
+    for (int a = 0; a < rows; a++) {
+      const v8 xa = splat8(x[(long)a * p->ldx + c]);
+      for (int v = 0; v < vectors; v++) acc[a][v] = fma8(xa, bv[v], acc[a][v]);
+    }
+  }
+  for (int a = 0; a < rows; a++) {
+    float *y = p->y + (long)(i + a) * p->ldy + j;
+    for (int v = 0; v < vectors; v++)
+      for (int t = 0; t < 8; t++) y[8 * v + t] = output(acc[a][v][t], p, y + 8 * v + t);
+  }
+}
+
+#define ALONG_K(R, V) \
+  case R * 4 + V: along_k(p, i, R, j, V); break;
+
+static void attention_rows(const Product *p, int i0, int i1) {
+  const int whole = p->n & ~7;
+  for (int i = i0; i < i1; i += 4) {
+    const int rows = i1 - i < 4 ? i1 - i : 4;
+    for (int j = 0; j < whole; j += 16) {
+      const int vectors = whole - j < 16 ? 1 : 2;
+      switch (rows * 4 + vectors) { /* constant shapes, so that the accumulators stay in registers */
+        ALONG_K(1, 1) ALONG_K(1, 2) ALONG_K(2, 1) ALONG_K(2, 2) ALONG_K(3, 1) ALONG_K(3, 2) ALONG_K(4, 1) ALONG_K(4, 2)
+        default: abort();
+      }
+    }
+    for (int a = i; a < i + rows; a++) /* the last n % 8 columns, each one chain in the same order */
+      for (int j = whole; j < p->n; j++) {
+        float sum = 0.f;
+        for (int c = 0; c < p->k; c++) sum = fmaf(p->x[(long)a * p->ldx + c], p->b[(long)c * p->ldb + j], sum);
+        float *y = p->y + (long)a * p->ldy + j;
+        *y = output(sum, p, y);
+      }
+  }
+}
+
 /* ---- helper threads: they spin for a moment after each product, then sleep ----
  *
  * The spinning is short and pauses the core rather than yielding it: a helper that yields in a loop
@@ -407,6 +472,10 @@ static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 static pthread_once_t helpers_once = PTHREAD_ONCE_INIT;
 
 static void share(const Product *p, int part, int parts) {
+  if (!p->w) { /* an attention product: its input rows */
+    attention_rows(p, (int)((long)p->m * part / parts), (int)((long)p->m * (part + 1) / parts));
+    return;
+  }
   int n = p->w->n;
   run_rows(p, (int)((long)n * part / parts), (int)((long)n * (part + 1) / parts));
 }
@@ -451,8 +520,9 @@ int mlxserve_helper_threads(void) { return wanted_helpers; }
 
 static void run_product(const Product *p) {
   /* A small product, or another caller holds the helpers (two MLX streams at once): do it alone. */
-  if (helpers == 0 || (long)p->m * p->w->n * p->w->k < PARALLEL_MACS || pthread_mutex_trylock(&pool) != 0) {
-    run_rows(p, 0, p->w->n);
+  long macs = p->w ? (long)p->m * p->w->n * p->w->k : (long)p->m * p->n * p->k;
+  if (helpers == 0 || macs < PARALLEL_MACS || (!p->w && p->m < 2) || pthread_mutex_trylock(&pool) != 0) {
+    share(p, 0, 1);
     return;
   }
   current = p;
@@ -504,11 +574,29 @@ static int quantized_product(int trans_a, int m, int n, int k, float alpha, cons
   return 0;
 }
 
+/* Attention's shapes: a sum over a head's dimensions (q k^T), or an output a head wide (p v). A dense
+ * layer of a float model is wider on both sides (its tiny test models excepted, which is harmless). */
+enum { ATTENTION_MAX_HEAD = 256 };
+
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
                  int lda, const float *b, int ldb, float beta, float *c, int ldc) {
   if (order == ROW_MAJOR && trans_b == TRANS &&
       quantized_product(trans_a, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == 0)
     return;
+  if (order == ROW_MAJOR && trans_a == NO_TRANS && (trans_b == TRANS ? k : n) <= ATTENTION_MAX_HEAD) {
+    Product p = {NULL, m, a, lda, c, ldc, alpha, beta, b, ldb, n, k};
+    if (trans_b == TRANS) { /* B is n rows of k: as k rows of n */
+      float *bt = scratch_for(&keys, (size_t)n * k);
+      if (!bt) fail("out of memory for a copy of attention's keys");
+      for (int j = 0; j < n; j++)
+        for (int d = 0; d < k; d++) bt[(long)d * n + j] = b[(long)j * ldb + d];
+      p.b = bt;
+      p.ldb = n;
+    }
+    run_product(&p);
+    atomic_fetch_add(&attention_products, 1);
+    return;
+  }
   if (order != ROW_MAJOR || m > GEMV_MAX_ROWS) {
     next_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;

@@ -130,6 +130,58 @@ def test_products_from_quantized_bytes_are_exact_for_any_rows_and_the_same_alone
         assert case["registered_after"] == 0 and case["placeholders_after"] == 0, case
 
 
+ATTENTION_SCRIPT = textwrap.dedent("""
+    import json
+    from mlxserve import blas
+    blas.preload_openblas()
+    import mlx.core as mx, numpy as np
+    results = {"errors": [], "same": []}
+    before = blas.attention_products()
+    keys, values = mx.random.normal((300, 64)), mx.random.normal((300, 70))
+    queries = mx.random.normal((60, 64))
+    for m in (1, 3, 60):
+        for n in (5, 20, 27, 300):
+            got = np.array(queries[:m] @ keys[:n].T)
+            want = np.array(queries[:m]).astype(np.float64) @ np.array(keys[:n]).T.astype(np.float64)
+            results["errors"].append(float(np.abs(got - want).max() / np.abs(want).max()))
+            probs = mx.softmax(queries[:m] @ keys[:n].T, axis=-1)
+            got = np.array(probs @ values[:n])
+            want = np.array(probs).astype(np.float64) @ np.array(values[:n]).astype(np.float64)
+            results["errors"].append(float(np.abs(got - want).max() / np.abs(want).max()))
+    wider = queries @ keys[:34].T  # a row alone, and among 60 rows with 7 more keys in front
+    results["same"].append(all(mx.array_equal(queries[i:i + 1] @ keys[7:34].T, wider[i:i + 1, 7:]).item()
+                               for i in range(0, 60, 7)))
+    probs = mx.softmax(queries @ keys[:27].T, axis=-1)  # left padding: zero probabilities first, any values
+    mixed = mx.concatenate([mx.zeros((60, 7)), probs], axis=1) @ mx.concatenate([mx.random.normal((7, 70)),
+                                                                                 values[:27]])
+    results["same"].append(all(mx.array_equal(probs[i:i + 1] @ values[:27], mixed[i:i + 1]).item()
+                               for i in range(0, 60, 7)))
+    q, k = mx.random.normal((2, 3, 5, 64)), mx.random.normal((2, 3, 64, 9))  # attention's batched layout
+    results["same"].append(mx.array_equal((q @ k)[1, 2], q[1, 2] @ k[1, 2]).item())
+    c = mx.random.normal((3, 70))
+    got = np.array(mx.addmm(c, probs[:3], values[:27], alpha=0.5, beta=2.0))
+    want = 0.5 * np.array(probs[:3]).astype(np.float64) @ np.array(values[:27]).astype(np.float64) + 2 * np.array(c)
+    results["errors"].append(float(np.abs(got - want).max() / np.abs(want).max()))
+    results["products"] = blas.attention_products() - before
+    print(json.dumps(results))
+""")
+
+
+@SHIM_READY
+def test_attention_products_are_exact_and_sum_each_row_the_same_whatever_the_batch(tmp_path: Path):
+    """Products with a side of at most 256 (attention's: queries by keys, probabilities by values) are
+    the shim's: exact, and a row's outputs are bit-for-bit the same alone as among 60 rows, with more
+    keys, and behind zero-probability padding (OpenBLAS picks kernels by shape, which rounded them
+    differently, so a request's text alone and in a batch could part at a near tie)."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", ATTENTION_SCRIPT], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    results = json.loads(out)
+    assert max(results["errors"]) < 1e-5, results
+    assert all(results["same"]), results
+    assert results["products"] >= 2 * 12 + 2 * 9 + 2, results
+
+
 def test_the_compiled_shim_is_kept_per_source_compiler_and_cpu():
     """A home shared by machines, or a compiler upgrade, builds the shim again instead of loading a stale one."""
     gcc12, gcc13 = blas.Compiler("/usr/bin/gcc", "gcc 12.2"), blas.Compiler("/usr/bin/gcc", "gcc 13.1")

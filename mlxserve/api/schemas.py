@@ -330,9 +330,9 @@ PARAMS: tuple[Param, ...] = (
     Param("safety_identifier", _accepted({"type": "string"}), "Accepted; changes nothing.",
           endpoints=frozenset({CHAT})),
     Param("seed", _integer(),
-          "Same seed, prompt and parameters give the same output on the same machine; batched with other "
-          "requests a text can part from its solo run after a near tie "
-          "([How sampling works](#how-sampling-works)). Without it each request draws fresh randomness."),
+          "Same seed, prompt and parameters give the same output on the same machine, alone or "
+          "batched with other requests on the CPU (on a GPU, batched may part after a near tie: "
+          "[How sampling works](#how-sampling-works)). Without it each request draws fresh randomness."),
     Param("service_tier", _accepted({"type": "string"}), "Accepted; changes nothing.", endpoints=frozenset({CHAT})),
     Param("stop", _stop,
           f"A string or up to {MAX_STOP_STRINGS} strings; generation ends before the first one, "

@@ -53,14 +53,24 @@ class ComputePath:
 def _self_check() -> str | None:
     """None when MLX's float32 product through OpenBLAS, and the shim's quantized one, match numpy's."""
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((12, 96), dtype=np.float32)  # 1 and 12 rows: the shim's two ways
-    b = rng.standard_normal((80, 96), dtype=np.float32)
+    a = rng.standard_normal((12, 288), dtype=np.float32)  # 1 and 12 rows: the shim's two ways
+    b = rng.standard_normal((272, 288), dtype=np.float32)  # wider than attention's: OpenBLAS's
     product = np.array(mx.array(a) @ mx.array(b).T)
     if not np.allclose(product, a.astype(np.float64) @ b.T.astype(np.float64), rtol=1e-4, atol=1e-4):
         return "MLX's float32 product through OpenBLAS differs from numpy's"
     if blas.gemv_shim is None:
         return None
-    layer = nn.QuantizedLinear.from_linear(nn.Linear(96, 80), group_size=32, bits=4)
+    keys, values = b[:40, :64], b[:40, 64:128]  # attention's two products, in the shim's own kernel
+    before = blas.attention_products()
+    scores = np.array(mx.array(a[:, :64]) @ mx.array(keys).T)
+    mixed = np.array(mx.array(scores) @ mx.array(values))
+    want = a[:, :64].astype(np.float64) @ keys.T.astype(np.float64)
+    if (not np.allclose(scores, want, rtol=1e-4, atol=1e-4)
+            or not np.allclose(mixed, want @ values.astype(np.float64), rtol=1e-4, atol=1e-3)):
+        return "the gemv shim's attention products differ from numpy's"
+    if blas.attention_products() - before != 2:
+        return "MLX's attention products did not reach the gemv shim"
+    layer = nn.QuantizedLinear.from_linear(nn.Linear(288, 80), group_size=32, bits=4)
     dense = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, 32, 4), dtype=np.float64)
     shimmed = _shimmed(layer)
     if shimmed is None:

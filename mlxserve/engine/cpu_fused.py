@@ -228,13 +228,10 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, *, scale: flo
 
 # SwiGLU's sigmoid is an exp per element of the MLP's widest activation: in a prompt, MLX's exp
 # (13 ns per element) was 7% of the CPU time, all of it on the one thread that runs MLX's
-# elementwise operations. The same polynomial as the softmax's makes it about 3.7x faster. Below
-# FAST_SWIGLU_ELEMENTS decode steps keep MLX's: there the polynomial measured about 5% faster a step
-# (SmolLM2), but it moves a seeded request's draws, and a row's numbers alone and in a batch are not
-# bit-for-bit the same outside the quantized products (attention over left-padded keys sums in
-# another order: log-probabilities apart by up to 1.6e-5), so with it the seeded alone-versus-batched
-# texts of tests/api/test_sampling_effects.py parted at a near tie.
-FAST_SWIGLU_ELEMENTS = 1 << 16
+# elementwise operations. The same polynomial as the softmax's makes it about 3.7x faster, and a
+# SmolLM2 decode step about 5%. Which exp a row gets depends on its width alone (FAST_EXP_ELEMENTS),
+# never on how many rows are batched with it: the two differ in the last bits, and a row alone and in a
+# batch must come out the same.
 
 
 @partial(mx.compile, shapeless=True)
@@ -249,7 +246,7 @@ def _swiglu_from(gate: mx.array, x: mx.array, p: mx.array, powers: mx.array) -> 
 
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     """mlx-lm's `swiglu` (silu(gate) * x), with e^-gate from the polynomial for large float32 inputs."""
-    if gate.size < FAST_SWIGLU_ELEMENTS or gate.dtype != mx.float32 or x.dtype != mx.float32:
+    if gate.shape[-1] < FAST_EXP_ELEMENTS or gate.dtype != mx.float32 or x.dtype != mx.float32:
         return _mlx_swiglu(gate, x)
     p, bits = _exp_neg_parts(gate)
     return _swiglu_from(gate, x, p, mx.view(bits, mx.float32))

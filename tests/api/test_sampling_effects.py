@@ -75,12 +75,33 @@ def test_same_seed_same_text_alone_and_streamed(default_client):
 
 
 @pytest.mark.skipif(ON_GPU, reason=BATCH_ORDER)
+def test_a_rows_log_probabilities_are_the_same_bits_alone_and_among_8_requests(default_client):
+    """Prompts of different lengths (so a batch left-pads them) give every token the same
+    log-probability, to the last bit, alone and eight at a time: nothing a row computes depends on the
+    rows batched with it (attention's products were OpenBLAS's, which sum in an order picked by the
+    shapes: apart by up to 1.6e-5 before)."""
+    prompts = [[1000 + 37 * i + j for j in range(12 + 3 * i)] for i in range(8)]
+
+    def logprobs(i: int) -> list[float]:
+        reply = default_client.completions.create(model=SMOLLM, prompt=prompts[i], max_tokens=20, temperature=0,
+                                                  logprobs=1)
+        return reply.choices[0].logprobs.token_logprobs
+
+    alone = [logprobs(i) for i in range(8)]
+    together: dict[int, list[float]] = {}
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, logprobs(i))) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [together[i] for i in range(8)] == alone
+
+
+@pytest.mark.skipif(ON_GPU, reason=BATCH_ORDER)
 def test_same_seed_same_text_alone_and_among_3_or_8_requests(default_client, default_home):
     """At temperature 0.8, eight seeded requests (different prompts, 40 tokens each, the end token banned
     so that every text runs its full length) give each the same text alone, three at a time and all
-    eight together. A row's quantized products do not depend on the rows batched with it; its attention
-    over a batch's left-padded keys sums in another order (log-probabilities apart by ~1e-5), so this
-    holds for texts that meet no near tie, as these do (the README says so)."""
+    eight together: a row's sums do not depend on the rows batched with it."""
     prompts = [[{"role": "user", "content": f"Tell me a story about {topic}."}]
                for topic in ("a cat", "the sea", "a robot", "winter", "a king", "bread", "a train", "the moon")]
     ban_end = {str(token_id(default_home, "<|im_end|>")): -100}
