@@ -160,8 +160,8 @@ typedef struct {
   float *y;
   int ldy;
   float alpha, beta; /* y = alpha * (W x) + beta * y, as sgemm */
-  const float *b;  /* an attention product's B: k rows of n, `ldb` apart */
-  int ldb, n, k;
+  const float *b;  /* an attention product's B: k rows of n, or n rows of k (trans_b), `ldb` apart */
+  int ldb, trans_b, n, k;
 } Product;
 
 typedef float v8 __attribute__((vector_size(32)));
@@ -354,7 +354,7 @@ typedef struct {
   size_t size;
 } Scratch;
 
-static __thread Scratch inputs, tiles, keys;
+static __thread Scratch inputs, tiles;
 
 static float *scratch_for(Scratch *s, size_t floats) {
   if (floats > s->size) {
@@ -396,11 +396,53 @@ static void run_rows(const Product *p, int r0, int r1) {
  * Attention multiplies queries by keys (a sum over the head's dimensions) and probabilities by values (a
  * sum over the keys). OpenBLAS picks its kernels by the matrices' shapes, and their sums round
  * differently: a row alone and the same row in a batch (more query rows, more keys behind left padding)
- * came out apart in the last bits, and a seeded request's text then parted at a near tie. Here every
- * output is one chain of multiply-adds along k, in order: blocks of rows and columns only decide which
- * chains run side by side. Zero probabilities of a batch's padding come first in their rows and add
- * nothing, so they change no rounding either. Keys come transposed (q k^T); they are copied the other
- * way round first, so both products run the one kernel below. */
+ * came out apart in the last bits, and a seeded request's text then parted at a near tie. Here a
+ * probability-value output is one chain of multiply-adds along the keys, in order (blocks of rows and
+ * columns only decide which chains run side by side), so the zero probabilities of a batch's padding,
+ * first in their rows, add nothing and change no rounding; a query-key output is one eight-lane chain
+ * along the head's dimensions, its lanes summed in one fixed order (sum8_pairs), whichever block it
+ * falls in. */
+
+static inline float sum8_pairs(v8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+
+/* sum8_pairs of each of eight vectors, as one vector (the same additions in the same order). */
+static inline v8 sum8_pairs_x8(const v8 acc[8]) {
+#if defined(__AVX__)
+  const __m256 h01 = _mm256_hadd_ps((__m256)acc[0], (__m256)acc[1]), h23 = _mm256_hadd_ps((__m256)acc[2], (__m256)acc[3]);
+  const __m256 h45 = _mm256_hadd_ps((__m256)acc[4], (__m256)acc[5]), h67 = _mm256_hadd_ps((__m256)acc[6], (__m256)acc[7]);
+  const __m256 q0 = _mm256_hadd_ps(h01, h23), q1 = _mm256_hadd_ps(h45, h67); /* halves' sums: lanes 0-3 | 4-7 */
+  return (v8)_mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+#else
+  v8 out;
+  for (int t = 0; t < 8; t++) out[t] = sum8_pairs(acc[t]);
+  return out;
+#endif
+}
+
+static void attention_scores(const Product *p, int i0, int i1) { /* y = x b^T, b: n rows of k */
+  const int k = p->k, whole = k & ~7;
+  for (int i = i0; i < i1; i++) {
+    const float *x = p->x + (long)i * p->ldx;
+    float *y = p->y + (long)i * p->ldy;
+    for (int j = 0; j < p->n; j += 8) {
+      const int cols = p->n - j < 8 ? p->n - j : 8;
+      const float *b = p->b + (long)j * p->ldb;
+      v8 acc[8];
+      for (int t = 0; t < 8; t++) acc[t] = splat8(0.f);
+      for (int c = 0; c < whole; c += 8) {
+        const v8 xc = in_register(load8(x + c));
+        for (int t = 0; t < cols; t++) acc[t] = fma8(xc, load8(b + (long)t * p->ldb + c), acc[t]);
+      }
+      float sums[8];
+      store8(sums, sum8_pairs_x8(acc));
+      for (int t = 0; t < cols; t++) {
+        float dot = sums[t];
+        for (int c = whole; c < k; c++) dot = fmaf(x[c], b[(long)t * p->ldb + c], dot);
+        y[j + t] = output(dot, p, y + j + t);
+      }
+    }
+  }
+}
 
 /* Rows i .. i + rows - 1 of x by B's columns j .. j + 8 * vectors - 1 (B: k rows of n, `ldb` apart). */
 static inline __attribute__((always_inline)) void along_k(const Product *p, int i, int rows, int j, int vectors) {
@@ -427,6 +469,10 @@ static inline __attribute__((always_inline)) void along_k(const Product *p, int 
   case R * 4 + V: along_k(p, i, R, j, V); break;
 
 static void attention_rows(const Product *p, int i0, int i1) {
+  if (p->trans_b) {
+    attention_scores(p, i0, i1);
+    return;
+  }
   const int whole = p->n & ~7;
   for (int i = i0; i < i1; i += 4) {
     const int rows = i1 - i < 4 ? i1 - i : 4;
@@ -584,15 +630,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
       quantized_product(trans_a, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == 0)
     return;
   if (order == ROW_MAJOR && trans_a == NO_TRANS && (trans_b == TRANS ? k : n) <= ATTENTION_MAX_HEAD) {
-    Product p = {NULL, m, a, lda, c, ldc, alpha, beta, b, ldb, n, k};
-    if (trans_b == TRANS) { /* B is n rows of k: as k rows of n */
-      float *bt = scratch_for(&keys, (size_t)n * k);
-      if (!bt) fail("out of memory for a copy of attention's keys");
-      for (int j = 0; j < n; j++)
-        for (int d = 0; d < k; d++) bt[(long)d * n + j] = b[(long)j * ldb + d];
-      p.b = bt;
-      p.ldb = n;
-    }
+    Product p = {NULL, m, a, lda, c, ldc, alpha, beta, b, ldb, trans_b == TRANS, n, k};
     run_product(&p);
     atomic_fetch_add(&attention_products, 1);
     return;
