@@ -51,7 +51,8 @@ class ComputePath:
 
 
 def _self_check() -> str | None:
-    """None when MLX's float32 product through OpenBLAS, and the shim's quantized one, match numpy's."""
+    """None when MLX's float32 product through OpenBLAS, and the shim's attention and quantized ones,
+    match numpy's."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((12, 288), dtype=np.float32)  # 1 and 12 rows: the shim's two ways
     b = rng.standard_normal((272, 288), dtype=np.float32)  # wider than attention's: OpenBLAS's
