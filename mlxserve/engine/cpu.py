@@ -228,6 +228,7 @@ def optimize_for_cpu(model: nn.Module) -> None:
                      sum(m is not None for _, m in swaps), len(swaps))
     log.info("CPU: fused %d norm and rotary layers", cpu_fused.fuse(model))
     cpu_fused.install_attention()
+    cpu_fused.install_categorical()
     cpu_fused.install_logsumexp()
     cpu_fused.install_swiglu()
 

@@ -130,3 +130,46 @@ def test_installed_swiglu_is_what_loaded_models_call():
 
     cpu_fused.install_swiglu()
     assert llama.swiglu is cpu_fused.swiglu and qwen3.swiglu is cpu_fused.swiglu
+
+
+def _shares(draws: mx.array, tokens: int) -> list[float]:
+    return [(draws == t).astype(mx.float32).mean().item() for t in range(tokens)]
+
+
+def test_categorical_draws_each_token_at_its_probability_and_never_a_masked_one():
+    probabilities = [0.5, 0.3, 0.15, 0.05]
+    row = mx.full((1, 1024), -math.inf)
+    row[0, 500:504] = mx.log(mx.array(probabilities)) + 3.0  # unnormalised, in the middle of masked tokens
+    draws = mx.concatenate([cpu_fused.categorical(mx.broadcast_to(row, (5000, 1024)), key=mx.random.key(k))
+                            for k in range(4)])
+    assert draws.dtype == mx.uint32
+    assert mx.all((draws >= 500) & (draws < 504)).item()
+    assert all(abs(got - want) < 0.015 for got, want in zip(_shares(draws - 500, 4), probabilities))
+    sharp = cpu_fused.categorical(mx.broadcast_to(row / 1e-6, (200, 1024)), key=mx.random.key(9))
+    assert mx.all(sharp == 500).item()  # a tiny temperature leaves the top token alone
+
+
+def test_categorical_depends_on_its_key_alone_and_leaves_other_shapes_to_mlx():
+    row = mx.random.normal((1, 2048), key=mx.random.key(1)) * 2
+    draws = [cpu_fused.categorical(row, key=mx.random.key(k)).item() for k in range(20)]
+    assert draws == [cpu_fused.categorical(row, key=mx.random.key(k)).item() for k in range(20)]
+    assert len(set(draws)) > 10
+    narrow = mx.random.normal((4, 100))
+    key = mx.random.key(3)
+    assert mx.array_equal(cpu_fused.categorical(narrow, key=key), cpu_fused._mlx_categorical(narrow, key=key))
+    assert mx.array_equal(cpu_fused.categorical(row, num_samples=3, key=key),
+                          cpu_fused._mlx_categorical(row, num_samples=3, key=key))
+
+
+def test_installed_categorical_is_what_a_seeded_sampler_draws_with():
+    from mlxserve.engine.sampling import make_sampler
+
+    logits = mx.concatenate([mx.array([[0.0, 1.0]]), mx.full((1, 1022), -math.inf)], axis=1)
+    rows = mx.broadcast_to(logits - mx.logsumexp(logits, axis=-1, keepdims=True), (20000, 1024))
+    cpu_fused.install_categorical()
+    try:
+        draws = make_sampler(0.5, 3)(rows)
+        assert mx.array_equal(draws, cpu_fused.categorical(rows / 0.5, key=mx.random.split(mx.random.key(3))[1]))
+    finally:
+        mx.random.categorical = cpu_fused._mlx_categorical
+    assert abs(_shares(draws, 2)[1] - 0.881) < 0.015  # sigmoid(1 / T)
