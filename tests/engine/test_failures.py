@@ -12,49 +12,19 @@ import pytest
 
 from mlxserve.engine import scheduler as scheduler_module
 from mlxserve.engine.engine import Engine
-from mlxserve.engine.store import ModelStore
-from mlxserve.protocol import (
-    ChoiceFinished,
-    EngineUnavailableError,
-    GenerationRequest,
-    SamplingParams,
-    TextDelta,
-)
+from mlxserve.protocol import EngineUnavailableError, GenerationRequest, SamplingParams
 from tests.conftest import TINY
+from tests.fixtures.engine import NO_END, greedy_request, reply, started_engine
 from tests.fixtures.faulty_server import MARKER, breaking
-
-NO_END = {0: -100.0, 1: -100.0, 2: -100.0}  # the tiny model's special tokens: generate to max_tokens
-
-
-def _engine(home: Path, **kwargs) -> Engine:
-    engine = Engine(ModelStore(home / "models"), max_memory=2**30, default_ttl=600, **kwargs)
-    engine.start()
-    return engine
-
-
-def _request(max_tokens: int = 40, **sampling) -> GenerationRequest:
-    return GenerationRequest(model=TINY, prompt="tell me a story", max_tokens=max_tokens,
-                             sampling=SamplingParams(temperature=0.0, logit_bias=NO_END, **sampling))
-
-
-async def _run(engine: Engine, request: GenerationRequest) -> tuple[str, list[str]]:
-    stream = await engine.generate(request)
-    text, reasons = [], []
-    async for event in stream:
-        if isinstance(event, TextDelta):
-            text.append(event.text)
-        elif isinstance(event, ChoiceFinished):
-            reasons.append(event.reason)
-    return "".join(text), reasons
-
 
 def test_a_failing_sequence_fails_alone_and_its_batch_goes_on(tiny_home: Path, monkeypatch):
     monkeypatch.setattr(scheduler_module, "make_logits_processor", breaking(scheduler_module.make_logits_processor))
-    engine = _engine(tiny_home)
+    engine = started_engine(tiny_home)
     try:
         async def scenario():
-            alone = await _run(engine, _request())
-            together = await asyncio.gather(_run(engine, _request()), _run(engine, _request(presence_penalty=MARKER)),
+            alone = await reply(engine, greedy_request())
+            together = await asyncio.gather(reply(engine, greedy_request()),
+                                            reply(engine, greedy_request(presence_penalty=MARKER)),
                                             return_exceptions=True)
             return alone, together
 
@@ -67,17 +37,17 @@ def test_a_failing_sequence_fails_alone_and_its_batch_goes_on(tiny_home: Path, m
 
 
 def test_a_dead_engine_thread_fails_waiting_and_new_requests_at_once(tiny_home: Path, monkeypatch):
-    engine = _engine(tiny_home)
+    engine = started_engine(tiny_home)
     try:
         async def scenario():
-            stream = await engine.generate(_request(max_tokens=200))
+            stream = await engine.generate(greedy_request(max_tokens=200))
             monkeypatch.setattr(engine.manager, "expire", lambda busy: 1 / 0)  # a bug outside the guards
             started = time.monotonic()
             with pytest.raises(EngineUnavailableError):
                 async for _ in stream:
                     pass
             with pytest.raises(EngineUnavailableError):
-                await engine.generate(_request())
+                await engine.generate(greedy_request())
             return time.monotonic() - started
 
         assert asyncio.run(scenario()) < 5
@@ -90,7 +60,7 @@ def test_a_dead_engine_thread_fails_waiting_and_new_requests_at_once(tiny_home: 
 
 
 def test_a_call_the_engine_does_not_answer_times_out(tiny_home: Path):
-    engine = _engine(tiny_home)
+    engine = started_engine(tiny_home)
     try:
         engine._scheduler.call(lambda: time.sleep(0), timeout=5)
         with pytest.raises(EngineUnavailableError):
@@ -100,7 +70,7 @@ def test_a_call_the_engine_does_not_answer_times_out(tiny_home: Path):
 
 
 def test_a_model_load_is_not_a_stall(tiny_home: Path, monkeypatch):
-    engine = _engine(tiny_home, stall_seconds=0.3)
+    engine = started_engine(tiny_home, stall_seconds=0.3)
     real_load = engine.store.load
     seen = []
 
@@ -123,13 +93,13 @@ def _active_memory(engine: Engine) -> int:
 
 
 def test_unload_after_serving_returns_the_memory(tiny_home: Path):
-    engine = _engine(tiny_home, prompt_cache_bytes=1 << 20)
+    engine = started_engine(tiny_home, prompt_cache_bytes=1 << 20)
     try:
         empty = _active_memory(engine)
         asyncio.run(engine.load(TINY))
         loaded = _active_memory(engine)
         assert loaded > empty + 100_000
-        asyncio.run(_run(engine, _request(max_tokens=5)))
+        asyncio.run(reply(engine, greedy_request(max_tokens=5)))
         assert asyncio.run(engine.unload(TINY))
         assert _active_memory(engine) - empty < 10_000
     finally:
@@ -138,13 +108,13 @@ def test_unload_after_serving_returns_the_memory(tiny_home: Path):
 
 def test_the_prompt_cache_holds_no_more_than_its_budget(tiny_home: Path):
     budget = 256 * 1024
-    engine = _engine(tiny_home, prompt_cache_bytes=budget, max_concurrent=32)
+    engine = started_engine(tiny_home, prompt_cache_bytes=budget, max_concurrent=32)
     try:
         asyncio.run(engine.load(TINY))
         baseline = _active_memory(engine)
 
         async def round_of_chats(r: int):
-            await asyncio.gather(*(_run(engine, GenerationRequest(
+            await asyncio.gather(*(reply(engine, GenerationRequest(
                 model=TINY, prompt=f"question {i} of round {r}: tell me something", max_tokens=20,
                 sampling=SamplingParams(temperature=0.0, logit_bias=NO_END))) for i in range(32)))
 
@@ -160,7 +130,7 @@ def test_a_loaded_model_deleted_from_disk_can_still_be_unloaded(tiny_home: Path,
     import shutil
 
     shutil.copytree(tiny_home / "models" / TINY, tmp_path / "models" / "doomed")
-    engine = _engine(tmp_path)
+    engine = started_engine(tmp_path)
     try:
         asyncio.run(engine.load("doomed"))
         shutil.rmtree(tmp_path / "models" / "doomed")

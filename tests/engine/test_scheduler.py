@@ -8,15 +8,10 @@ from pathlib import Path
 from mlx_lm.generate import GenerationBatch
 
 from mlxserve.engine import scheduler as scheduler_module
-from mlxserve.engine.engine import Engine
-from mlxserve.engine.store import ModelStore
-from mlxserve.protocol import ChoiceFinished, GenerationRequest, SamplingParams, TextDelta
-from tests.conftest import TINY
-
-NO_END = {0: -100.0, 1: -100.0, 2: -100.0}  # the tiny model's special tokens: generate to max_tokens
+from tests.fixtures.engine import greedy_request, reply, started_engine
 
 
-def _text_and_steps_at_each_send(home: Path, monkeypatch, max_tokens: int, **sampling) -> tuple[str, list[int], list]:
+def _text_and_steps_at_each_send(home: Path, monkeypatch, max_tokens: int) -> tuple[str, list[int], list[str]]:
     """The reply, how many decode steps the generator had queued when each piece of text was sent, and how
     the choice finished."""
     steps, at_send = [0], []
@@ -33,22 +28,9 @@ def _text_and_steps_at_each_send(home: Path, monkeypatch, max_tokens: int, **sam
 
     monkeypatch.setattr(GenerationBatch, "_step", counted_step)
     monkeypatch.setattr(scheduler_module._ModelRunner, "_send", noted_send)
-    engine = Engine(ModelStore(home / "models"), max_memory=2**30, default_ttl=600)
-    engine.start()
+    engine = started_engine(home)
     try:
-        async def run():
-            stream = await engine.generate(GenerationRequest(
-                model=TINY, prompt="tell me a story", max_tokens=max_tokens,
-                sampling=SamplingParams(temperature=0.0, logit_bias=NO_END, **sampling)))
-            text, reasons = [], []
-            async for event in stream:
-                if isinstance(event, TextDelta):
-                    text.append(event.text)
-                elif isinstance(event, ChoiceFinished):
-                    reasons.append(event.reason)
-            return "".join(text), reasons
-
-        text, reasons = asyncio.run(run())
+        text, reasons = asyncio.run(reply(engine, greedy_request(max_tokens)))
     finally:
         engine.stop()
     return text, at_send, reasons
