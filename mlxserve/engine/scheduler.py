@@ -405,11 +405,12 @@ class _ModelRunner:
         the wait and the next step's build would hold their steps back (c8 greedy measured 5-9% slower).
         Not with followers (distributed): their steps mirror the generator's calls alone.
         """
+        if not uids or self.leader is not None:  # most steps start no sequence
+            return
         # mlx-lm 0.32's generation batch: `_next_tokens` holds a row per uid, in `uids` order. Another
         # version's (the pin allows patch releases) may not: then the tokens go out as before.
         batch = getattr(self.generator, "_generation_batch", None)
-        if (not uids or self.leader is not None
-                or not all(hasattr(batch, name) for name in ("uids", "_next_tokens", "_next_logprobs"))
+        if (not all(hasattr(batch, name) for name in ("uids", "_next_tokens", "_next_logprobs"))
                 or batch._next_tokens is None or set(batch.uids) - set(uids)):
             return
         rows = {uid: row for row, uid in enumerate(batch.uids)}
