@@ -5,9 +5,9 @@
  * OpenBLAS library. It takes over:
  *
  *  - every product by a W registered with mlxserve_register_quantized(), any number of rows: W stands
- *    for 4- or 8-bit affine weights (MLX's layout: w = scale * q + bias per group along a row), and the
- *    product is computed from those bytes (W itself is a placeholder whose contents are never read;
- *    mlxserve/engine/cpu.py hands its pages back to the kernel).
+ *    for 4- or 8-bit affine weights (MLX's layout: w = scale * q + bias per group along a row), copied
+ *    at registration, and the product is computed from that copy (W itself is a placeholder whose
+ *    contents are never read; mlxserve/engine/cpu.py hands its pages back to the kernel).
  *  - attention's products (a side of at most 256: queries by keys, probabilities by values), computed
  *    here so that a row's sums run in the same order alone or in any batch (below).
  *  - one- and two-row products by any other W: OpenBLAS's sgemv, row by row, which reads the weights
@@ -16,7 +16,7 @@
  * The registry keys on W's address. Python keeps every registered W alive until it unregisters it
  * (mlxserve/engine/cpu.py), so an address in the registry always holds the matrix it was registered
  * with. Quantized products use up to 8 cores: the calling thread (MLX's CPU stream) and a helper thread
- * per other CPU this process may use (its affinity and cgroup quota, given at init) split W's rows.
+ * per other CPU this process may use (its affinity and cgroup quota, given at init) split W's panels.
  * It is compiled with -march=native on the machine it runs on (the cache key has the CPU's flags).
  */
 #include <dlfcn.h>
@@ -33,7 +33,7 @@
 #include <immintrin.h>
 #endif
 
-enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, GEMV_MAX_ROWS = 2, MAX_HELPERS = 7, TRANSPOSED_ROWS = 256 };
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, GEMV_MAX_ROWS = 2, MAX_HELPERS = 7, INPUT_ROWS = 256, PANEL_ROWS = 4, INPUT_MAX = 32767 };
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int,
                          float, float *, int);
@@ -65,8 +65,8 @@ int mlxserve_gemv_shim_init(const char *library, int cpus) {
 typedef struct {
   const float *dense; /* the float32 matrix MLX multiplies by: n rows of k */
   int n, k, group, bits;
-  const uint8_t *q;   /* n rows of k * bits / 8 bytes; 4-bit: element 2j in the low nibble of byte j */
-  const float *scales, *biases; /* n rows of k / group */
+  uint8_t *panels;    /* W, copied in the order the products read it (repack()) */
+  const void *source; /* the quantized bytes it was copied from */
 } QWeight;
 
 static QWeight *registry;
@@ -98,22 +98,98 @@ static int grow(void) { /* 1 when the registry has room for one more */
 
 static void start_helpers(void);
 
-/* Returns 0 when registered; 1 for an unsupported shape or bit width, 2 when out of memory. */
+/* Where element i (0 .. 31) of a block lies in a panel's bytes for that block, for the panel's row b
+ * (4-bit: `shift` says which nibble). The order is the one panel_rows() unpacks: each 32-bit lane of
+ * a vector holds two consecutive elements of one row, lane b row b, as 16-bit integers. 8-bit: 16
+ * bytes per pair of elements, row b's at 2b. 4-bit: 32 bytes per eight elements, rows 0-3 in the first
+ * 16 and rows 4-7 in the next, each half's bytes 0-7 holding elements 0-1 (low nibbles) and 4-5 (high
+ * ones), bytes 8-15 elements 2-3 and 6-7, row b's at 2 * (b % 4). */
+static inline int block_byte(int bits, int b, int i, int *shift) {
+  if (bits == 8) {
+    *shift = 0;
+    return 16 * (i / 2) + 2 * b + i % 2;
+  }
+  const int pair = i % 8 / 2;
+  *shift = pair >= 2 ? 4 : 0;
+  return 32 * (i / 8) + 16 * (b / 4) + 8 * (pair & 1) + 2 * (b % 4) + i % 2;
+}
+
+/* W's rows in panels of eight, the order the products read them (panel_rows): per group of each panel,
+ * its values (block_byte(); 8-bit ones minus 128, as signed bytes), then the eight rows' scales and
+ * biases (8-bit: plus 128 * scale). Rows past n are zeros. A copy the same size as MLX's arrays. */
+static uint8_t *repack(int n, int k, int group, int bits, const uint8_t *q, const float *scales, const float *biases) {
+  const int groups = k / group, per_group = group / 32, values = 32 * bits * per_group, panels = (n + 7) / 8;
+  const long row_bytes = (long)k * bits / 8, panel_bytes = (long)groups * (values + 64);
+  uint8_t *out = NULL;
+  if (posix_memalign((void **)&out, 64, (size_t)panels * panel_bytes) != 0) return NULL;
+  memset(out, 0, (size_t)panels * panel_bytes);
+  for (int panel = 0; panel < panels; panel++)
+    for (int b = 0; b < 8 && 8 * panel + b < n; b++) {
+      const long row = 8L * panel + b;
+      const uint8_t *in = q + row * row_bytes;
+      uint8_t *at = out + panel * panel_bytes;
+      for (int g = 0; g < groups; g++, at += values + 64) {
+        for (int e = 0; e < per_group; e++) {
+          uint8_t *v = at + 32 * bits * e;
+          for (int i = 0; i < 32; i++) {
+            const long element = (long)group * g + 32 * e + i;
+            int shift;
+            const int at_byte = block_byte(bits, b, i, &shift);
+            if (bits == 4)
+              v[at_byte] |= (uint8_t)(((in[element / 2] >> (4 * (element & 1))) & 15) << shift);
+            else
+              v[at_byte] = (uint8_t)(in[element] ^ 0x80);
+          }
+        }
+        const float scale = scales[row * groups + g], bias = biases[row * groups + g];
+        const float adjusted = bits == 8 ? fmaf(128.f, scale, bias) : bias;
+        memcpy(at + values + 4 * b, &scale, 4);
+        memcpy(at + values + 32 + 4 * b, &adjusted, 4);
+      }
+    }
+  return out;
+}
+
+/* An entry's copy of the same bytes in the same shape, if one is registered: two layers over the same
+ * arrays (a vision model's language half and mlx-lm's model of it) share one copy, and Python may have
+ * handed the arrays' pages back after the first registration (mlxserve/engine/cpu.py). */
+static uint8_t *copy_of(const void *source, int n, int k, int group, int bits) {
+  for (int at = 0; at < registered; at++) {
+    const QWeight *e = &registry[at];
+    if (e->source == source && e->n == n && e->k == k && e->group == group && e->bits == bits) return e->panels;
+  }
+  return NULL;
+}
+
+static void drop_copy(uint8_t *panels) { /* once no entry uses it */
+  for (int at = 0; at < registered; at++)
+    if (registry[at].panels == panels) return;
+  free(panels);
+}
+
+/* Returns 0 when registered; 1 for an unsupported shape or bit width, 2 when out of memory. The shim
+ * keeps its own copy of the weights (repack()): `q`, `scales` and `biases` may go once this returns. */
 int mlxserve_register_quantized(const float *dense, int n, int k, int group, int bits, const void *q,
                                 const float *scales, const float *biases) {
   if ((bits != 4 && bits != 8) || group <= 0 || group % 32 || k % group || n <= 0) return 1;
   start_helpers();
   pthread_rwlock_wrlock(&registry_lock);
-  QWeight entry = {dense, n, k, group, bits, q, scales, biases};
+  uint8_t *panels = copy_of(q, n, k, group, bits);
+  if (!panels) panels = repack(n, k, group, bits, q, scales, biases);
   int at = index_of(dense), status = 0;
-  if (at >= 0) {
-    registry[at] = entry;
+  if (!panels) {
+    status = 2;
+  } else if (at >= 0) {
+    uint8_t *before = registry[at].panels;
+    registry[at] = (QWeight){dense, n, k, group, bits, panels, q};
+    drop_copy(before);
   } else if (registered == capacity && !grow()) {
     status = 2; /* the registry stays as it was */
+    drop_copy(panels);
   } else {
     at = find(dense);
     memmove(registry + at + 1, registry + at, sizeof(QWeight) * (registered - at));
-    registry[at] = entry;
+    registry[at] = (QWeight){dense, n, k, group, bits, panels, q};
     registered++;
   }
   pthread_rwlock_unlock(&registry_lock);
@@ -124,8 +200,10 @@ void mlxserve_unregister_quantized(const float *dense) {
   pthread_rwlock_wrlock(&registry_lock);
   int at = index_of(dense);
   if (at >= 0) {
+    uint8_t *panels = registry[at].panels;
     memmove(registry + at, registry + at + 1, sizeof(QWeight) * (registered - at - 1));
     registered--;
+    drop_copy(panels);
   }
   pthread_rwlock_unlock(&registry_lock);
 }
@@ -144,12 +222,23 @@ long mlxserve_attention_products(void) { return atomic_load(&attention_products)
 
 /* ---- quantized products ----
  *
- * Every product by a registered W is computed the same way, whatever the number of rows: W's rows are
- * dequantized, a tile of them at a time, into float32 (w = fma(q, scale, bias)), and each output is one
- * eight-lane fused multiply-add chain along k (lane j sums the elements j, j + 8, j + 16, ...), then the
- * eight lanes are added in a fixed order. An input row gets bit-for-bit the same outputs alone (a decode
- * step) as among others (a batch, a prompt), so a seeded request samples the same tokens either way.
- * The tile is dequantized once for all rows: a prompt's rows share it, as a blocked sgemm shares a panel.
+ * A product by a registered W multiplies integers. Each input row is rounded per block of 32 elements
+ * to 16 bits (x = d * q, d = max |x| / 32767, q to nearest), and a block's products of W's 4- or 8-bit
+ * values by those q are summed exactly in 32-bit integers (AVX2's madd: 16 multiply-adds in one
+ * instruction, where converting W to float32 first took three instructions per 8). Then, with
+ * w = scale * v + bias per group of W's row:
+ *     output = sum over blocks of (d * scale) * (v . q)  +  sum over groups of bias * (d * sum of q).
+ * The input's rounding moves an output by about 3e-5 of the largest (tests/test_blas.py); 8 bits, as
+ * llama.cpp rounds its inputs, would be twice as fast but moved SmolLM2's log-probabilities by up to
+ * 0.4 and changed its greedy answers.
+ *
+ * W is read from the shim's own copy, in panels of eight rows (repack()): lane b of a vector holds two
+ * elements of the panel's row b, and the input's two elements are broadcast to every lane, so a block's
+ * eight sums come out in one vector, scaled with one multiply-add. Whatever the number of rows, an
+ * output is computed the same way: its integer sums are exact, then its block terms and its groups'
+ * bias terms are added in order, in its own lane. An input row gets bit-for-bit the same outputs alone
+ * (a decode step) as among others (a batch, a prompt), so a seeded request samples the same tokens
+ * either way.
  */
 
 typedef struct {
@@ -162,6 +251,7 @@ typedef struct {
   float alpha, beta; /* y = alpha * (W x) + beta * y, as sgemm */
   const float *b;  /* an attention product's B: k rows of n, or n rows of k (trans_b), `ldb` apart */
   int ldb, trans_b, n, k;
+  const struct Quantized *quantized; /* a quantized product's input (quantize_rows), in place of x */
 } Product;
 
 typedef float v8 __attribute__((vector_size(32)));
@@ -195,61 +285,69 @@ static inline v8 in_register(v8 v) {
   return v;
 }
 
-static inline float sum8(v8 v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
 
-/* A hint to load a cache line soon. A block below reads a few of W's rows at once, each a short run,
- * too short for the hardware's prefetcher to follow, so it asks for the next block's bytes as it goes.
- * A hint past W's end is harmless: a prefetch never faults. */
-static inline void prefetch_line(const void *address) {
-#if defined(__GNUC__)
-  __builtin_prefetch(address, 0, 3);
-#endif
-}
+/* The input's rows, quantized (above). */
+typedef struct Quantized {
+  int16_t *q;  /* m rows of k */
+  float *d;    /* m rows of k / 32: each block's scale */
+  float *sums; /* m rows of k / group: each group's sum of d * (sum of q), its blocks in order */
+} Quantized;
 
-/* Elements c .. c + 31 of one of W's rows, dequantized: `q` points at their bytes, `scale` and `bias` are
- * their group's. Every path below dequantizes through this one function, so a weight is the same float
- * whichever path uses it. */
-static inline __attribute__((always_inline)) void dequantize32(const uint8_t *q, int bits, float scale, float bias,
-                                                             v8 out[4]) {
-  const v8 s = splat8(scale), b = splat8(bias);
-#if defined(__AVX2__)
-  __m128i first, second; /* the 32 values, one per byte, in order */
-  if (bits == 4) {
-    const __m128i low = _mm_set1_epi8(0x0F), v = _mm_loadu_si128((const __m128i *)q);
-    const __m128i even = _mm_and_si128(v, low), odd = _mm_and_si128(_mm_srli_epi16(v, 4), low);
-    first = _mm_unpacklo_epi8(even, odd);
-    second = _mm_unpackhi_epi8(even, odd);
-  } else {
-    first = _mm_loadu_si128((const __m128i *)q);
-    second = _mm_loadu_si128((const __m128i *)(q + 16));
-  }
-  const __m128i parts[4] = {first, _mm_srli_si128(first, 8), second, _mm_srli_si128(second, 8)};
-  for (int i = 0; i < 4; i++) out[i] = fma8((v8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), s, b);
+static float max_abs32(const float *x) {
+  v8 m = splat8(0.f);
+  for (int u = 0; u < 4; u++) {
+#if defined(__AVX__)
+    m = (v8)_mm256_max_ps((__m256)m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), (__m256)load8(x + 8 * u)));
 #else
-  for (int i = 0; i < 4; i++) {
-    v8 values;
-    for (int j = 0; j < 8; j++) {
-      int e = 8 * i + j;
-      values[j] = bits == 4 ? (e & 1 ? q[e / 2] >> 4 : q[e / 2] & 15) : q[e];
-    }
-    out[i] = fma8(values, s, b);
-  }
+    for (int j = 0; j < 8; j++) m[j] = fmaxf(m[j], fabsf(x[8 * u + j]));
 #endif
+  }
+  float best = 0.f;
+  for (int j = 0; j < 8; j++) best = best > m[j] ? best : m[j];
+  return best;
 }
 
-/* W's rows r .. r + count - 1 as float32, row after row. */
-static void dequantize(const QWeight *w, int r, int count, float *tile) {
-  int k = w->k, groups = k / w->group, row_bytes = k * w->bits / 8;
-  for (int row = r; row < r + count; row++, tile += k) {
-    const float *s = w->scales + (long)row * groups, *b = w->biases + (long)row * groups;
-    const uint8_t *q = w->q + (long)row * row_bytes;
-    for (int g = 0, c = 0; g < groups; g++)
-      for (int end = c + w->group; c < end; c += 32) {
-        v8 out[4];
-        prefetch_line(q + c * w->bits / 8 + 1024);
-        dequantize32(q + c * w->bits / 8, w->bits, s[g], b[g], out);
-        for (int i = 0; i < 4; i++) store8(tile + c + 8 * i, out[i]);
+/* 32 elements times `inverse`, rounded to integers (to nearest, ties to even, as the CPU rounds by
+ * default), into `out`; returns their sum. */
+static int round_block(const float *x, float inverse, int16_t *out) {
+  int sum = 0;
+#if defined(__AVX2__)
+  __m256i v[4];
+  for (int u = 0; u < 4; u++) v[u] = _mm256_cvtps_epi32(_mm256_mul_ps((__m256)load8(x + 8 * u), _mm256_set1_ps(inverse)));
+  const __m256i total = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+  int lanes[8];
+  memcpy(lanes, &total, sizeof lanes);
+  for (int j = 0; j < 8; j++) sum += lanes[j];
+  for (int u = 0; u < 4; u += 2) { /* packs works within 128-bit halves: the permutation restores the order */
+    const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[u], v[u + 1]), 0xD8);
+    memcpy(out + 8 * u, &words, 32);
+  }
+#else
+  for (int j = 0; j < 32; j++) {
+    const int v = (int)lrintf(x[j] * inverse);
+    sum += v;
+    out[j] = (int16_t)v;
+  }
+#endif
+  return sum;
+}
+
+static void quantize_rows(const float *x, int ldx, int m, int k, int group, const Quantized *out) {
+  const int blocks = k / 32, groups = k / group, per_group = group / 32;
+  for (int i = 0; i < m; i++) {
+    const float *row = x + (long)i * ldx;
+    for (int g = 0; g < groups; g++) {
+      float sum = 0.f;
+      for (int e = 0; e < per_group; e++) {
+        const int b = g * per_group + e;
+        const float largest = max_abs32(row + 32 * b), d = largest / (float)INPUT_MAX;
+        const int q = round_block(row + 32 * b, largest > 0.f ? (float)INPUT_MAX / largest : 0.f,
+                                  out->q + (long)i * k + 32 * b);
+        out->d[(long)i * blocks + b] = d;
+        sum += d * (float)q;
       }
+      out->sums[(long)i * groups + g] = sum;
+    }
   }
 }
 
@@ -257,138 +355,106 @@ static inline float output(float dot, const Product *p, const float *y) {
   return p->beta == 0.f ? p->alpha * dot : p->alpha * dot + p->beta * *y; /* beta 0 ignores y, NaN included */
 }
 
-/* Every output below is one chain of fused multiply-adds, eight lanes wide, along k in order, then its
- * lanes summed by sum8(): how rows and W rows are grouped into blocks never changes a sum. The grouping
- * only gives the core enough independent chains, and few enough loads per multiply-add, to keep its
- * FMA units busy. */
-
-/* Rows i .. i + rows - 1 of x by W rows r .. r + cols - 1, dequantized as it goes (few rows: each weight
- * is used by at most eight rows, so it is not worth storing). */
-static inline __attribute__((always_inline)) void fused(const Product *p, int i, int rows, int r, int cols,
-                                                      int bits) {
+/* Rows i .. i + rows - 1 of the input by W's panel `panel` (its rows 8 * panel ...): lane b of a vector
+ * is the panel's row b, so a block's eight integer sums come out in one vector, ready to be scaled, and
+ * the two input elements each lane multiplies are broadcast from the row. */
+static inline __attribute__((always_inline)) void panel_rows(const Product *p, int i, int rows, int panel, int bits) {
   const QWeight *w = p->w;
-  const int k = w->k, groups = k / w->group, row_bytes = k * bits / 8;
-  const uint8_t *q = w->q + (long)r * row_bytes;
-  const float *scales = w->scales + (long)r * groups, *biases = w->biases + (long)r * groups;
-  v8 acc[8][8];
-  for (int a = 0; a < rows; a++)
-    for (int b = 0; b < cols; b++) acc[a][b] = splat8(0.f);
-  for (int g = 0, c = 0; g < groups; g++) {
-    for (int b = 0; b < cols; b++) {
-      prefetch_line(scales + (long)(b + cols) * groups + g);
-      prefetch_line(biases + (long)(b + cols) * groups + g);
-    }
-    for (int end = c + w->group; c < end; c += 32)
-      for (int b = 0; b < cols; b++) {
-        const uint8_t *qc = q + (long)b * row_bytes + c * bits / 8;
-        v8 wv[4];
-        prefetch_line(qc + (long)cols * row_bytes);
-        dequantize32(qc, bits, scales[(long)b * groups + g], biases[(long)b * groups + g], wv);
+  const struct Quantized *x = p->quantized;
+  const int k = w->k, blocks = k / 32, groups = k / w->group, per_group = w->group / 32;
+  const int values = 32 * bits * per_group; /* a group's bytes of values in a panel */
+  const uint8_t *at = w->panels + (long)panel * groups * (values + 64);
+  v8 acc[PANEL_ROWS];
+  for (int a = 0; a < rows; a++) acc[a] = splat8(0.f);
+  for (int g = 0, c = 0; g < groups; g++, at += values + 64) {
+    const v8 scales = load8((const float *)(at + values)), biases = load8((const float *)(at + values + 32));
+    for (int e = 0; e < per_group; e++, c++) {
+      const uint8_t *v = at + 32 * bits * e;
+      v8 dots[PANEL_ROWS];
+#if defined(__AVX2__)
+      __m256i sums[PANEL_ROWS]; /* exact: at most 32 * 128 * 32767 */
+      for (int a = 0; a < rows; a++) sums[a] = _mm256_setzero_si256();
+      for (int t = 0; t < 4; t++) { /* elements 8t .. 8t + 7 */
+        __m256i pairs[4]; /* elements 8t + 2j and 8t + 2j + 1 of every row */
+        if (bits == 4) {
+          const __m256i packed = _mm256_loadu_si256((const __m256i *)(v + 32 * t)), low = _mm256_set1_epi8(0x0F);
+          const __m256i first = _mm256_and_si256(packed, low), second = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+          pairs[0] = _mm256_unpacklo_epi8(first, _mm256_setzero_si256());
+          pairs[1] = _mm256_unpackhi_epi8(first, _mm256_setzero_si256());
+          pairs[2] = _mm256_unpacklo_epi8(second, _mm256_setzero_si256());
+          pairs[3] = _mm256_unpackhi_epi8(second, _mm256_setzero_si256());
+        } else {
+          for (int j = 0; j < 4; j++) pairs[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(v + 64 * t + 16 * j)));
+        }
         for (int a = 0; a < rows; a++) {
-          const float *x = p->x + (long)(i + a) * p->ldx + c;
-          for (int u = 0; u < 4; u++) acc[a][b] = fma8(load8(x + 8 * u), wv[u], acc[a][b]);
+          const int16_t *xq = x->q + (long)(i + a) * k + 32 * c + 8 * t;
+          for (int j = 0; j < 4; j++) {
+            int two;
+            memcpy(&two, xq + 2 * j, 4);
+            sums[a] = _mm256_add_epi32(sums[a], _mm256_madd_epi16(pairs[j], _mm256_set1_epi32(two)));
+          }
         }
       }
+      for (int a = 0; a < rows; a++) dots[a] = (v8)_mm256_cvtepi32_ps(sums[a]);
+#else
+      for (int a = 0; a < rows; a++) {
+        const int16_t *xq = x->q + (long)(i + a) * k + 32 * c;
+        for (int b = 0; b < 8; b++) {
+          int sum = 0;
+          for (int e2 = 0; e2 < 32; e2++) {
+            int shift;
+            const uint8_t byte = v[block_byte(bits, b, e2, &shift)];
+            sum += (bits == 4 ? (byte >> shift) & 15 : (int8_t)byte) * xq[e2];
+          }
+          dots[a][b] = (float)sum;
+        }
+      }
+#endif
+      for (int a = 0; a < rows; a++) acc[a] = fma8(dots[a], splat8(x->d[(long)(i + a) * blocks + c]) * scales, acc[a]);
+    }
+    for (int a = 0; a < rows; a++) acc[a] = fma8(biases, splat8(x->sums[(long)(i + a) * groups + g]), acc[a]);
   }
+  const int cols = w->n - 8 * panel < 8 ? w->n - 8 * panel : 8;
   for (int a = 0; a < rows; a++)
     for (int b = 0; b < cols; b++) {
-      float *y = p->y + (long)(i + a) * p->ldy + r + b;
-      *y = output(sum8(acc[a][b]), p, y);
+      float *y = p->y + (long)(i + a) * p->ldy + 8 * panel + b;
+      *y = output(acc[a][b], p, y);
     }
 }
 
-/* Rows i .. i + rows - 1 of x by tile rows t .. t + cols - 1 (already dequantized, for many rows). */
-static inline __attribute__((always_inline)) void tiled(const Product *p, int i, int rows, const float *t, int cols,
-                                                      int r) {
-  const int k = p->w->k;
-  v8 acc[4][8];
-  for (int a = 0; a < rows; a++)
-    for (int b = 0; b < cols; b++) acc[a][b] = splat8(0.f);
-  for (int c = 0; c < k; c += 8) {
-    v8 x[4];
-    for (int a = 0; a < rows; a++) x[a] = in_register(load8(p->x + (long)(i + a) * p->ldx + c));
-    for (int b = 0; b < cols; b++) {
-      v8 wv = in_register(load8(t + (long)b * k + c));
-      for (int a = 0; a < rows; a++) acc[a][b] = fma8(x[a], wv, acc[a][b]);
-    }
-  }
-  for (int a = 0; a < rows; a++)
-    for (int b = 0; b < cols; b++) {
-      float *y = p->y + (long)(i + a) * p->ldy + r + b;
-      *y = output(sum8(acc[a][b]), p, y);
-    }
-}
-
-/* Block shapes by the product's rows (more rows than 4 go by tiles): enough chains, all in registers. */
-static const int FUSED_COLS[9] = {0, 8, 4, 3, 2, 1, 1, 1, 1}, TILED_ROWS = 4, TILED_COLS = 2, FUSED_MAX_ROWS = 8;
-
-#define FUSED(R, C) \
-  case R * 16 + C: \
-    if (p->w->bits == 4) fused(p, i, R, r, C, 4); else fused(p, i, R, r, C, 8); \
+#define PANEL(R) \
+  case R: \
+    if (p->w->bits == 4) panel_rows(p, i, R, panel, 4); else panel_rows(p, i, R, panel, 8); \
     break;
-#define TILED(R, C) \
-  case R * 16 + C: tiled(p, i, R, t, C, r); break;
 
-static void fused_any(const Product *p, int i, int rows, int r, int cols) {
-  switch (rows * 16 + cols) { /* constant shapes, so that the accumulators stay in registers */
-    FUSED(1, 1) FUSED(1, 2) FUSED(1, 3) FUSED(1, 4) FUSED(1, 5) FUSED(1, 6) FUSED(1, 7) FUSED(1, 8)
-    FUSED(2, 1) FUSED(2, 2) FUSED(2, 3) FUSED(2, 4)
-    FUSED(3, 1) FUSED(3, 2) FUSED(3, 3)
-    FUSED(4, 1) FUSED(4, 2)
-    FUSED(5, 1) FUSED(6, 1) FUSED(7, 1) FUSED(8, 1)
-    default: abort(); /* FUSED_COLS gives no other */
-  }
+/* Panels p0 .. p1 - 1 for every row of the input, PANEL_ROWS rows at a time (a panel is a few KB to a few
+ * tens of KB: it stays in cache while all the rows pass over it). */
+static void run_panels(const Product *p, int p0, int p1) {
+  for (int panel = p0; panel < p1; panel++)
+    for (int i = 0; i < p->m; i += PANEL_ROWS)
+      switch (p->m - i < PANEL_ROWS ? p->m - i : PANEL_ROWS) { /* constant row counts: accumulators in registers */
+        PANEL(1) PANEL(2) PANEL(3) PANEL(4)
+        default: abort();
+      }
 }
 
-static void tiled_any(const Product *p, int i, int rows, const float *t, int cols, int r) {
-  switch (rows * 16 + cols) {
-    TILED(1, 1) TILED(1, 2) TILED(2, 1) TILED(2, 2) TILED(3, 1) TILED(3, 2) TILED(4, 1) TILED(4, 2)
-    default: abort(); /* TILED_ROWS and TILED_COLS give no other */
-  }
-}
-
-/* Each thread's scratch, grown as needed, on the heap: a prompt's rows times k floats can be far more
- * than a thread's stack. One for a transposed input (the calling thread's), one for W's tiles. */
+/* Each thread's scratch, grown as needed, on the heap: a prompt's rows times k can be far more than a
+ * thread's stack. The calling thread's hold its input, transposed, then quantized. */
 typedef struct {
-  float *floats;
+  void *bytes;
   size_t size;
 } Scratch;
 
-static __thread Scratch inputs, tiles;
+static __thread Scratch transposed, quantized;
 
-static float *scratch_for(Scratch *s, size_t floats) {
-  if (floats > s->size) {
-    float *grown = realloc(s->floats, floats * sizeof(float));
+static void *scratch_for(Scratch *s, size_t bytes) {
+  if (bytes > s->size) {
+    void *grown = realloc(s->bytes, bytes);
     if (!grown) return NULL;
-    s->floats = grown;
-    s->size = floats;
+    s->bytes = grown;
+    s->size = bytes;
   }
-  return s->floats;
-}
-
-/* W rows per tile: the tile stays in L2, where every row of x rereads it. */
-static int tile_rows(int k) {
-  int rows = (192 << 10) / (k * (int)sizeof(float));
-  return rows < TILED_COLS ? TILED_COLS : (rows > 96 ? 96 : rows - rows % TILED_COLS);
-}
-
-static void run_rows(const Product *p, int r0, int r1) {
-  if (p->m <= FUSED_MAX_ROWS) {
-    int cols = FUSED_COLS[p->m];
-    for (int r = r0; r < r1; r += cols) fused_any(p, 0, p->m, r, r1 - r < cols ? r1 - r : cols);
-    return;
-  }
-  int k = p->w->k, per_tile = tile_rows(k);
-  float *tile = scratch_for(&tiles, (size_t)per_tile * k);
-  if (!tile) fail("out of memory for a tile of a few hundred KB");
-  for (int r = r0; r < r1; r += per_tile) {
-    int count = r1 - r < per_tile ? r1 - r : per_tile;
-    dequantize(p->w, r, count, tile);
-    for (int i = 0; i < p->m; i += TILED_ROWS)
-      for (int j = 0; j < count; j += TILED_COLS)
-        tiled_any(p, i, p->m - i < TILED_ROWS ? p->m - i : TILED_ROWS, tile + (long)j * k,
-                  count - j < TILED_COLS ? count - j : TILED_COLS, r + j);
-  }
+  return s->bytes;
 }
 
 /* ---- attention's products: each output summed in one order, whatever the shapes ----
@@ -522,8 +588,8 @@ static void share(const Product *p, int part, int parts) {
     attention_rows(p, (int)((long)p->m * part / parts), (int)((long)p->m * (part + 1) / parts));
     return;
   }
-  int n = p->w->n;
-  run_rows(p, (int)((long)n * part / parts), (int)((long)n * (part + 1) / parts));
+  int panels = (p->w->n + 7) / 8;
+  run_panels(p, (int)((long)panels * part / parts), (int)((long)panels * (part + 1) / parts));
 }
 
 static void *helper_main(void *arg) {
@@ -586,6 +652,34 @@ static void run_product(const Product *p) {
   pthread_mutex_unlock(&pool);
 }
 
+/* C = alpha * op(A) . W^T + beta * C: op(A)'s rows quantized (a bounded number at a time, so that the
+ * scratch stays small), then multiplied. */
+static void multiply(const QWeight *w, int m, int trans_a, const float *a, int lda, float alpha, float beta, float *c,
+                     int ldc) {
+  const int k = w->k, blocks = k / 32, groups = k / w->group;
+  for (int i0 = 0; i0 < m; i0 += INPUT_ROWS) {
+    const int rows = m - i0 < INPUT_ROWS ? m - i0 : INPUT_ROWS;
+    const float *x = a + (long)i0 * lda;
+    int ldx = lda;
+    if (trans_a != NO_TRANS) { /* op(A) = A^T: its rows are A's columns, copied to be contiguous */
+      float *copy = scratch_for(&transposed, sizeof(float) * rows * k);
+      if (!copy) fail("out of memory for a transposed input's rows");
+      for (int i = 0; i < rows; i++)
+        for (int j = 0; j < k; j++) copy[(long)i * k + j] = a[(long)j * lda + i0 + i];
+      x = copy;
+      ldx = k;
+    }
+    int16_t *words = scratch_for(&quantized, sizeof(int16_t) * rows * k + sizeof(float) * rows * (blocks + groups));
+    if (!words) fail("out of memory for a quantized input's rows");
+    float *floats = (float *)(words + (long)rows * k); /* k is a multiple of 32: aligned */
+    const Quantized input = {words, floats, floats + (long)rows * blocks};
+    quantize_rows(x, ldx, rows, k, w->group, &input);
+    const Product p = {.w = w, .m = rows, .y = c + (long)i0 * ldc, .ldy = ldc, .alpha = alpha, .beta = beta,
+                       .quantized = &input};
+    run_product(&p);
+  }
+}
+
 /* C = A . W^T for a registered W, any number of rows; 0 when done, 1 when W is not one. W's first n rows
  * (a view of fewer rows at the same address) are fine; any other shape is a bug that would otherwise
  * multiply by the placeholder's zeros, so it stops the process with a message instead. */
@@ -601,20 +695,7 @@ static int quantized_product(int trans_a, int m, int n, int k, float alpha, cons
     fail("a product by a registered weight in a shape it was not registered with");
   QWeight w = registry[at];
   w.n = n;
-  if (trans_a == NO_TRANS) {
-    Product p = {&w, m, a, lda, c, ldc, alpha, beta};
-    run_product(&p);
-  } else { /* op(A) = A^T: its rows are A's columns, copied to be contiguous, a bounded number at a time */
-    for (int i0 = 0; i0 < m; i0 += TRANSPOSED_ROWS) {
-      int rows = m - i0 < TRANSPOSED_ROWS ? m - i0 : TRANSPOSED_ROWS;
-      float *x = scratch_for(&inputs, (size_t)rows * k);
-      if (!x) fail("out of memory for a transposed input's rows");
-      for (int i = 0; i < rows; i++)
-        for (int j = 0; j < k; j++) x[(long)i * k + j] = a[(long)j * lda + i0 + i];
-      Product p = {&w, rows, x, k, c + (long)i0 * ldc, ldc, alpha, beta};
-      run_product(&p);
-    }
-  }
+  multiply(&w, m, trans_a, a, lda, alpha, beta, c, ldc);
   atomic_fetch_add(&quantized_products, 1);
   pthread_rwlock_unlock(&registry_lock);
   return 0;
@@ -630,7 +711,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
       quantized_product(trans_a, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == 0)
     return;
   if (order == ROW_MAJOR && trans_a == NO_TRANS && (trans_b == TRANS ? k : n) <= ATTENTION_MAX_HEAD) {
-    Product p = {NULL, m, a, lda, c, ldc, alpha, beta, b, ldb, trans_b == TRANS, n, k};
+    const Product p = {NULL, m, a, lda, c, ldc, alpha, beta, b, ldb, trans_b == TRANS, n, k, NULL};
     run_product(&p);
     atomic_fetch_add(&attention_products, 1);
     return;
