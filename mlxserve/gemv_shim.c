@@ -229,8 +229,8 @@ long mlxserve_attention_products(void) { return atomic_load(&attention_products)
  * w = scale * v + bias per group of W's row:
  *     output = sum over blocks of (d * scale) * (v . q)  +  sum over groups of bias * (d * sum of q).
  * The input's rounding moves an output by about 3e-5 of the largest (tests/test_blas.py); 8 bits, as
- * llama.cpp rounds its inputs, would be twice as fast but moved SmolLM2's log-probabilities by up to
- * 0.4 and changed its greedy answers.
+ * llama.cpp rounds its inputs, was faster in a prototype but moved SmolLM2's log-probabilities by up
+ * to 0.4 and changed its greedy answers.
  *
  * W is read from the shim's own copy, in panels of eight rows (repack()): lane b of a vector holds two
  * elements of the panel's row b, and the input's two elements are broadcast to every lane, so a block's

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mlxserve import blas
@@ -160,6 +161,61 @@ def test_products_from_quantized_bytes_are_exact_for_any_rows_and_the_same_alone
         assert case["same_alone"], case
         assert case["graph"] == ["Matmul"], case  # a product is one MLX operation: no transpose made per call
         assert case["registered_after"] == 0 and case["placeholders_after"] == 0, case
+
+
+PORTABLE_DRIVER = r"""
+#include SHIM
+int main(void) {
+  /* One weight per case (4- and 8-bit, groups of 32 and 64, rows past the last full panel), random
+   * bytes; products of 1 and 5 rows and attention-shaped ones, printed to compare builds. */
+  const int cases[4][3] = {{4, 32, 300}, {8, 32, 301}, {4, 64, 77}, {8, 64, 9}};
+  const int k = 256;
+  srand(7);
+  float *x = malloc(sizeof(float) * 5 * k), *y = malloc(sizeof(float) * 5 * 301);
+  for (int i = 0; i < 5 * k; i++) x[i] = (rand() % 20001 - 10000) * 1e-4f * (i % 37 == 0 ? 50.f : 1.f);
+  for (int c = 0; c < 4; c++) {
+    const int bits = cases[c][0], group = cases[c][1], n = cases[c][2];
+    uint8_t *q = malloc((size_t)n * k * bits / 8);
+    float *s = malloc(sizeof(float) * n * (k / group)), *b = malloc(sizeof(float) * n * (k / group));
+    for (long i = 0; i < (long)n * k * bits / 8; i++) q[i] = rand();
+    for (long i = 0; i < (long)n * (k / group); i++) { s[i] = (rand() % 1000 + 1) * 1e-4f; b[i] = -(rand() % 1000) * 1e-3f; }
+    float *dense = malloc(64);
+    if (mlxserve_register_quantized(dense, n, k, group, bits, q, s, b) != 0) return 1;
+    for (int rows = 1; rows <= 5; rows += 4) {
+      cblas_sgemm(ROW_MAJOR, NO_TRANS, TRANS, rows, n, k, 1.f, x, k, dense, k, 0.f, y, n);
+      for (int i = 0; i < rows * n; i++) printf("%.9g\n", y[i]);
+    }
+  }
+  float *keys = malloc(sizeof(float) * 40 * 64);
+  for (int i = 0; i < 40 * 64; i++) keys[i] = (rand() % 2001 - 1000) * 1e-3f;
+  cblas_sgemm(ROW_MAJOR, NO_TRANS, TRANS, 5, 40, 64, 1.f, x, k, keys, 64, 0.f, y, 40); /* queries by keys */
+  for (int i = 0; i < 5 * 40; i++) printf("%.9g\n", y[i]);
+  cblas_sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, 5, 64, 40, 1.f, x, k, keys, 64, 0.f, y, 64); /* weights by values */
+  for (int i = 0; i < 5 * 64; i++) printf("%.9g\n", y[i]);
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None or "avx2" not in blas._cpu_flags().split(),
+                    reason="compares the AVX2 kernels with the portable ones: needs a C compiler and AVX2")
+def test_the_portable_kernels_compute_what_the_avx2_ones_do(tmp_path: Path):
+    """Where there is no AVX2 (an ARM Linux machine), the shim's plain C loops run instead: built for a
+    generic x86-64, they give the AVX2 build's products (both sum exact integers; only a multiply-add's
+    rounding may differ), for 4- and 8-bit weights, a ragged last panel, and attention's shapes."""
+    driver = tmp_path / "driver.c"
+    driver.write_text(PORTABLE_DRIVER)
+    source = Path(blas.__file__).with_name("gemv_shim.c")
+    outputs = []
+    for flags in (["-O3", "-march=native"], ["-O2", "-march=x86-64", "-mno-avx", "-mno-fma"]):
+        binary = tmp_path / flags[1].removeprefix("-march=")
+        subprocess.run(["cc", *flags, f'-DSHIM="{source}"', str(driver), "-o", str(binary), "-ldl", "-lpthread",
+                        "-lm"], check=True)
+        outputs.append([float(v) for v in subprocess.run([str(binary)], capture_output=True, text=True,
+                                                         check=True).stdout.split()])
+    native, portable = (np.array(o) for o in outputs)
+    assert native.shape == portable.shape and native.size > 2000
+    assert np.abs(native - portable).max() <= 1e-5 * np.abs(native).max(), np.abs(native - portable).max()
 
 
 ATTENTION_SCRIPT = textwrap.dedent("""
