@@ -160,6 +160,7 @@ def preload_openblas() -> str | None:
                 raise OSError(f"the gemv shim cannot find sgemm/sgemv in {path}; set MLXSERVE_BLAS_SHIM=off")
             shim.mlxserve_quantized_products.restype = ctypes.c_long
             shim.mlxserve_attention_products.restype = ctypes.c_long
+            shim.mlxserve_quantized_bytes.restype = ctypes.c_long
             gemv_shim, _shim = shim_path, shim
         why_not = "" if isinstance(built, Path) else built
         loaded = path
@@ -222,6 +223,11 @@ def unregister_quantized(dense: Any) -> None:
 def quantized_products() -> int:
     """How many products the shim has computed from quantized bytes in this process."""
     return 0 if _shim is None else _shim.mlxserve_quantized_products()
+
+
+def quantized_bytes() -> int:
+    """Bytes of the shim's own copies of registered weights (memory MLX does not count)."""
+    return 0 if _shim is None else _shim.mlxserve_quantized_bytes()
 
 
 def attention_products() -> int:

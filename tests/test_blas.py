@@ -72,17 +72,21 @@ QUANTIZED_SCRIPT = textwrap.dedent("""
         return near @ w.T
 
     results = {"cases": []}
-    for bits, group in ((4, 32), (8, 32), (4, 64)):
+    for bits, group, half in ((4, 32, False), (8, 32, False), (4, 64, False), (4, 32, True)):
         model = nn.Module()
         model.proj = nn.QuantizedLinear.from_linear(nn.Linear(576, 300), group_size=group, bits=bits)
         model.embed = nn.QuantizedEmbedding.from_embedding(nn.Embedding(200, 576), group_size=group, bits=bits)
-        dense = {name: np.array(mx.dequantize(m.weight, m.scales, m.biases, group, bits), dtype=np.float64)
+        if half:  # scales and biases stored in float16, as a model's on disk usually are
+            for m in (model.proj, model.embed):
+                m.scales, m.biases = m.scales.astype(mx.float16), m.biases.astype(mx.float16)
+        dense = {name: np.array(mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32),
+                                              group, bits), dtype=np.float64)
                  for name, m in (("proj", model.proj), ("embed", model.embed))}
         raw = {name: (np.array(m.weight), np.array(m.scales), np.array(m.biases), group, bits)
                for name, m in (("proj", model.proj), ("embed", model.embed))}
         cpu.optimize_for_cpu(model)
-        case = {"bits": bits, "group": group, "registered": blas.registered(), "errors": [], "products": [],
-                "float_errors": [],
+        case = {"bits": bits, "group": group, "half": half, "registered": blas.registered(), "errors": [],
+                "products": [], "float_errors": [], "copy": blas.quantized_bytes(),
                 "placeholders": cpu.placeholder_bytes(), "lookup": float(np.abs(np.array(
                     model.embed(mx.array([[3, 199]]))) - dense["embed"][[3, 199]]).max())}
         shapes = ((1, 576), (2, 576), ("T", 2), (3, 576), (2, 5, 576), (70, 576), ("slice", 9), ("T", 300))
@@ -117,6 +121,7 @@ QUANTIZED_SCRIPT = textwrap.dedent("""
         del model
         gc.collect()
         case["registered_after"] = blas.registered()
+        case["copy_after"] = blas.quantized_bytes()
         case["placeholders_after"] = cpu.placeholder_bytes()
         results["cases"].append(case)
     many = nn.Module()  # more layers than the registry's first allocation holds
@@ -160,7 +165,11 @@ def test_products_from_quantized_bytes_are_exact_for_any_rows_and_the_same_alone
         assert max(case["float_errors"]) < 1e-4, case  # float32's products but for the input's rounding
         assert case["same_alone"], case
         assert case["graph"] == ["Matmul"], case  # a product is one MLX operation: no transpose made per call
-        assert case["registered_after"] == 0 and case["placeholders_after"] == 0, case
+        assert case["registered_after"] == 0 and case["placeholders_after"] == 0 and case["copy_after"] == 0, case
+        # The shim's copy: panels of eight rows (38 and 25 here), per group the values and the eight
+        # scales and biases, float16 when they all are exactly
+        per_group = case["bits"] * case["group"] + (32 if case["half"] else 64)
+        assert case["copy"] == (38 + 25) * (576 // case["group"]) * per_group, case
 
 
 PORTABLE_DRIVER = r"""
@@ -168,19 +177,24 @@ PORTABLE_DRIVER = r"""
 int main(void) {
   /* One weight per case (4- and 8-bit, groups of 32 and 64, rows past the last full panel), random
    * bytes; products of 1 and 5 rows and attention-shaped ones, printed to compare builds. */
-  const int cases[4][3] = {{4, 32, 300}, {8, 32, 301}, {4, 64, 77}, {8, 64, 9}};
+  const int cases[5][4] = {{4, 32, 300, 0}, {8, 32, 301, 0}, {4, 64, 77, 0}, {8, 64, 9, 0}, {4, 32, 50, 1}};
   const int k = 256;
   srand(7);
   float *x = malloc(sizeof(float) * 5 * k), *y = malloc(sizeof(float) * 5 * 301);
   for (int i = 0; i < 5 * k; i++) x[i] = (rand() % 20001 - 10000) * 1e-4f * (i % 37 == 0 ? 50.f : 1.f);
-  for (int c = 0; c < 4; c++) {
-    const int bits = cases[c][0], group = cases[c][1], n = cases[c][2];
+  for (int c = 0; c < 5; c++) {
+    const int bits = cases[c][0], group = cases[c][1], n = cases[c][2], half = cases[c][3];
     uint8_t *q = malloc((size_t)n * k * bits / 8);
     float *s = malloc(sizeof(float) * n * (k / group)), *b = malloc(sizeof(float) * n * (k / group));
     for (long i = 0; i < (long)n * k * bits / 8; i++) q[i] = rand();
-    for (long i = 0; i < (long)n * (k / group); i++) { s[i] = (rand() % 1000 + 1) * 1e-4f; b[i] = -(rand() % 1000) * 1e-3f; }
+    for (long i = 0; i < (long)n * (k / group); i++) { /* float16's exactly, or not */
+      s[i] = half ? (rand() % 1000 + 1) / 8192.f : (rand() % 1000 + 1) * 1e-4f;
+      b[i] = half ? -(rand() % 1000) / 256.f : -(rand() % 1000) * 1e-3f;
+    }
     float *dense = malloc(64);
+    const long before = mlxserve_quantized_bytes();
     if (mlxserve_register_quantized(dense, n, k, group, bits, q, s, b) != 0) return 1;
+    if (mlxserve_quantized_bytes() - before != (n + 7) / 8 * (k / group) * (bits * group + (half ? 32 : 64))) return 2;
     for (int rows = 1; rows <= 5; rows += 4) {
       cblas_sgemm(ROW_MAJOR, NO_TRANS, TRANS, rows, n, k, 1.f, x, k, dense, k, 0.f, y, n);
       for (int i = 0; i < rows * n; i++) printf("%.9g\n", y[i]);
@@ -202,7 +216,8 @@ int main(void) {
 def test_the_portable_kernels_compute_what_the_avx2_ones_do(tmp_path: Path):
     """Where there is no AVX2 (an ARM Linux machine), the shim's plain C loops run instead: built for a
     generic x86-64, they give the AVX2 build's products (both sum exact integers; only a multiply-add's
-    rounding may differ), for 4- and 8-bit weights, a ragged last panel, and attention's shapes."""
+    rounding may differ), for 4- and 8-bit weights, float16 and float32 scales, a ragged last panel,
+    and attention's shapes."""
     driver = tmp_path / "driver.c"
     driver.write_text(PORTABLE_DRIVER)
     source = Path(blas.__file__).with_name("gemv_shim.c")
