@@ -46,16 +46,24 @@ TEXT = ROOT / "scripts" / "data" / "perplexity.txt"
 
 
 def convert(gguf: Path, out: Path, bits: int | None, group_size: int | None) -> tuple[float, int]:
-    """Convert in a child process: (seconds, the child's peak resident bytes)."""
+    """Convert in a child process: (seconds, the child's peak resident bytes).
+
+    The child reports its own peak (Linux's VmHWM): the peak a parent reads with wait4() also counts
+    the parent's pages the child held between fork and exec, this script's models included."""
     code = ("import sys, json; from pathlib import Path; from mlxserve.engine.gguf import convert_gguf; "
-            "convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]), **json.loads(sys.argv[3]))")
+            "convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]), **json.loads(sys.argv[3])); "
+            "status = Path('/proc/self/status'); "
+            "print(status.read_text().split('VmHWM:')[1].split()[0] if status.exists() else '')")
     options = json.dumps({"bits": bits, "group_size": group_size})
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-c", code, str(gguf), str(out), options], cwd=ROOT)
+    child = subprocess.Popen([sys.executable, "-c", code, str(gguf), str(out), options], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True)
+    reported = child.stdout.read().split() if child.stdout else []
     _, status, usage = os.wait4(child.pid, 0)
     if status != 0:
         raise SystemExit(f"converting {gguf} failed")
-    return time.perf_counter() - start, usage.ru_maxrss * 1024
+    peak = int(reported[-1]) * 1024 if reported and reported[-1].isdigit() else usage.ru_maxrss * 1024
+    return time.perf_counter() - start, peak
 
 
 def ours(model_dir: Path) -> tuple[list[int], list[float]]:

@@ -10,8 +10,8 @@ rest of the batch, so a seeded request samples the same text alone or among othe
 MLX only reaches sgemm with a float32 matrix, so each such layer holds a placeholder: a float32
 array of the weight's shape whose pages are handed back to the kernel once allocated. Nothing
 reads it: the shim recognises it by its address and reads the quantized bytes instead, from its
-own copy, made at registration in the order its kernels read (rows in panels of eight, the same
-size as MLX's arrays). A linear layer's own arrays are then handed back to the kernel like the
+own copy, made at registration in the order its kernels read (rows in panels of eight, at most
+the size of MLX's arrays: scales and biases in float16 where that holds them exactly). A linear layer's own arrays are then handed back to the kernel like the
 placeholder (only an embedding's, which its lookups read, are kept), so the process holds the
 quantized weights, float32 scales and biases once, and no dense copy: any model whose quantized
 weights fit the budget runs on this path. The shim multiplies them by integers: the input rounded
