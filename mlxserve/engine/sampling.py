@@ -88,7 +88,8 @@ def apply_top_p(logits: mx.array, p: float) -> mx.array:
     order = mx.argsort(-logits, axis=-1)
     sorted_probs = mx.take_along_axis(probs, order, axis=-1)
     mass_before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep_sorted = mass_before < p
+    # The top token always (a p below float32's smallest, as 5e-324, compares as 0 and kept none).
+    keep_sorted = (mass_before < p) | (mx.arange(sorted_probs.shape[-1]) == 0)
     keep = mx.zeros_like(keep_sorted)
     keep = mx.put_along_axis(keep, order, keep_sorted, axis=-1)
     return mx.where(keep, logits, _NEG_INF)

@@ -60,6 +60,9 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert kept[2] == -INF and math.isfinite(kept[0]) and math.isfinite(kept[1])
     assert all(math.isfinite(v) for v in as_list(apply_top_p(x, 1.0)))
     assert sum(math.isfinite(v) for v in as_list(apply_top_p(x, 1e-9))) == 1
+    # A p that is 0 in float32 (5e-324, as a JSON client may send) still keeps the top token: with
+    # none kept, a grammar-constrained request sampled a token the grammar forbids (a 500).
+    assert [math.isfinite(v) for v in as_list(apply_top_p(x, 5e-324))] == [True, False, False]
 
 
 def test_min_p_drops_tokens_below_fraction_of_top():
