@@ -142,6 +142,8 @@ static float from_half(uint16_t h) { /* a normal float16, or zero (all exact_hal
 /* A panel's group: its values, then the eight rows' scales and biases, float16 or float32. */
 static inline long group_bytes(int values, int half) { return values + (half ? 32 : 64); }
 
+static long panel_bytes(int k, int group, int bits, int half) { return (long)(k / group) * group_bytes(bits * group, half); }
+
 /* W's rows in panels of eight, the order the products read them (panel_rows): per group of each panel,
  * its values (block_byte(); 8-bit ones minus 128, as signed bytes), then the eight rows' scales and
  * biases (8-bit: plus 128 * scale). Rows past n are zeros. The scales and biases are float16 where
@@ -155,15 +157,15 @@ static uint8_t *repack(int n, int k, int group, int bits, const uint8_t *q, cons
     uint16_t unused;
     *half = exact_half(scales[i], &unused) && exact_half(bits == 8 ? fmaf(128.f, scales[i], biases[i]) : biases[i], &unused);
   }
-  const long row_bytes = (long)k * bits / 8, panel_bytes = (long)groups * group_bytes(values, *half);
+  const long row_bytes = (long)k * bits / 8, bytes = panel_bytes(k, group, bits, *half);
   uint8_t *out = NULL;
-  if (posix_memalign((void **)&out, 64, (size_t)panels * panel_bytes) != 0) return NULL;
-  memset(out, 0, (size_t)panels * panel_bytes);
+  if (posix_memalign((void **)&out, 64, (size_t)panels * bytes) != 0) return NULL;
+  memset(out, 0, (size_t)panels * bytes);
   for (int panel = 0; panel < panels; panel++)
     for (int b = 0; b < 8 && 8 * panel + b < n; b++) {
       const long row = 8L * panel + b;
       const uint8_t *in = q + row * row_bytes;
-      uint8_t *at = out + panel * panel_bytes;
+      uint8_t *at = out + panel * bytes;
       for (int g = 0; g < groups; g++, at += group_bytes(values, *half)) {
         for (int e = 0; e < per_group; e++) {
           uint8_t *v = at + 32 * bits * e;
@@ -208,9 +210,7 @@ static uint8_t *copy_of(const void *source, int n, int k, int group, int bits, i
   return NULL;
 }
 
-static long copy_bytes(const QWeight *w) {
-  return (long)(w->n + 7) / 8 * (w->k / w->group) * group_bytes(w->bits * w->group, w->half);
-}
+static long copy_bytes(const QWeight *w) { return panel_bytes(w->k, w->group, w->bits, w->half) * ((w->n + 7) / 8); }
 
 static atomic_long held; /* bytes of all the copies */
 
