@@ -161,6 +161,7 @@ def preload_openblas() -> str | None:
             shim.mlxserve_quantized_products.restype = ctypes.c_long
             shim.mlxserve_attention_products.restype = ctypes.c_long
             shim.mlxserve_quantized_bytes.restype = ctypes.c_long
+            shim.mlxserve_decode_steps.restype = ctypes.c_long
             gemv_shim, _shim = shim_path, shim
         why_not = "" if isinstance(built, Path) else built
         loaded = path
@@ -238,6 +239,42 @@ def attention_products() -> int:
 def helper_threads() -> int:
     """The shim's helper threads for quantized products (besides MLX's own CPU thread); 0 without a shim."""
     return 0 if _shim is None else _shim.mlxserve_helper_threads()
+
+
+class DecodeLayer(ctypes.Structure):
+    """One layer of a decode step in C (gemv_shim.c): its products' placeholders (registry keys) in the
+    order q, k, v, o, gate, up, down, their biases (or None), its two norms' weights."""
+
+    _fields_ = [("product", ctypes.c_void_p * 7), ("bias", ctypes.c_void_p * 7), ("norm", ctypes.c_void_p * 2)]
+
+
+class DecodeModel(ctypes.Structure):
+    """A llama-shaped model's decode step in C (gemv_shim.c): its sizes, rotation and layers."""
+
+    _fields_ = [("layers", ctypes.c_int), ("dim", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int),
+                ("head_dim", ctypes.c_int), ("hidden", ctypes.c_int), ("rope_dims", ctypes.c_int),
+                ("rope_traditional", ctypes.c_int), ("eps", ctypes.c_float), ("rope_scale", ctypes.c_float),
+                ("attention_scale", ctypes.c_float), ("inv_freq", ctypes.c_void_p),
+                ("layer", ctypes.POINTER(DecodeLayer))]
+
+
+def decode_step(model: DecodeModel, hidden: np.ndarray, positions: np.ndarray, first: np.ndarray, slot: int,
+                capacity: int, keys: list[int], values: list[int]) -> int:
+    """Run a decode step's layers in C over `hidden` (rows x dim float32, in place): 0 when done, 1 when a
+    weight is not registered as `model` says, 2 when out of memory. `keys`/`values` are the addresses of
+    each layer's cache arrays, (rows, kv_heads, capacity, head_dim) float32, written at `slot`."""
+    if _shim is None:
+        raise RuntimeError("no gemv shim: a native decode step cannot run")
+    pointers = ctypes.c_void_p * len(keys)
+    return _shim.mlxserve_decode_step(
+        ctypes.byref(model), hidden.shape[0], ctypes.c_void_p(hidden.ctypes.data),
+        ctypes.c_void_p(positions.ctypes.data), ctypes.c_void_p(first.ctypes.data), slot, capacity,
+        pointers(*keys), pointers(*values))
+
+
+def decode_steps() -> int:
+    """How many decode steps the shim has run whole (engine/cpu_decode.py) in this process."""
+    return 0 if _shim is None else _shim.mlxserve_decode_steps()
 
 
 def registered() -> int:

@@ -311,6 +311,9 @@ typedef struct {
   const float *b;  /* an attention product's B: k rows of n, or n rows of k (trans_b), `ldb` apart */
   int ldb, trans_b, n, k;
   const struct Quantized *quantized; /* a quantized product's input (quantize_rows), in place of x */
+  void (*task)(const void *context, int part, int parts); /* any other work split by parts, or NULL */
+  const void *context;
+  long macs; /* a task's size, to decide whether it is worth the helpers */
 } Product;
 
 typedef float v8 __attribute__((vector_size(32)));
@@ -642,7 +645,7 @@ static void attention_rows(const Product *p, int i0, int i1) {
  * keeps the scheduler busy and takes time from MLX's and Python's threads, on a small machine the
  * same cores. Products too small to repay waking a helper run on the calling thread alone. */
 
-enum { SPIN_ROUNDS = 4000, PARALLEL_MACS = 1 << 20 };
+enum { SPIN_ROUNDS = 4000, PARALLEL_MACS = 1 << 20, STEP_PARALLEL_MACS = 1 << 14 };
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -661,6 +664,10 @@ static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 static pthread_once_t helpers_once = PTHREAD_ONCE_INIT;
 
 static void share(const Product *p, int part, int parts) {
+  if (p->task) {
+    p->task(p->context, part, parts);
+    return;
+  }
   if (!p->w) { /* an attention product: its input rows */
     attention_rows(p, (int)((long)p->m * part / parts), (int)((long)p->m * (part + 1) / parts));
     return;
@@ -707,10 +714,12 @@ static void start_helpers(void) { pthread_once(&helpers_once, spawn_helpers); }
 /* The helper threads quantized products use (started with the first product). */
 int mlxserve_helper_threads(void) { return wanted_helpers; }
 
-static void run_product(const Product *p) {
+/* `least`: the fewest multiply-adds worth waking the helpers for (PARALLEL_MACS under MLX, whose own
+ * threads compete for the cores; less in a native decode step, where the caller's is the only one). */
+static void run_product(const Product *p, long least) {
   /* A small product, or another caller holds the helpers (two MLX streams at once): do it alone. */
-  long macs = p->w ? (long)p->m * p->w->n * p->w->k : (long)p->m * p->n * p->k;
-  if (helpers == 0 || macs < PARALLEL_MACS || (!p->w && p->m < 2) || pthread_mutex_trylock(&pool) != 0) {
+  long macs = p->task ? p->macs : p->w ? (long)p->m * p->w->n * p->w->k : (long)p->m * p->n * p->k;
+  if (helpers == 0 || macs < least || (!p->w && !p->task && p->m < 2) || pthread_mutex_trylock(&pool) != 0) {
     share(p, 0, 1);
     return;
   }
@@ -732,7 +741,7 @@ static void run_product(const Product *p) {
 /* C = alpha * op(A) . W^T + beta * C: op(A)'s rows quantized (a bounded number at a time, so that the
  * scratch stays small), then multiplied. */
 static void multiply(const QWeight *w, int m, int trans_a, const float *a, int lda, float alpha, float beta, float *c,
-                     int ldc) {
+                     int ldc, long least) {
   const int k = w->k, blocks = k / 32, groups = k / w->group;
   for (int i0 = 0; i0 < m; i0 += INPUT_ROWS) {
     const int rows = m - i0 < INPUT_ROWS ? m - i0 : INPUT_ROWS;
@@ -753,7 +762,7 @@ static void multiply(const QWeight *w, int m, int trans_a, const float *a, int l
     quantize_rows(x, ldx, rows, k, w->group, &input);
     const Product p = {.w = w, .m = rows, .y = c + (long)i0 * ldc, .ldy = ldc, .alpha = alpha, .beta = beta,
                        .quantized = &input};
-    run_product(&p);
+    run_product(&p, least);
   }
 }
 
@@ -772,7 +781,7 @@ static int quantized_product(int trans_a, int m, int n, int k, float alpha, cons
     fail("a product by a registered weight in a shape it was not registered with");
   QWeight w = registry[at];
   w.n = n;
-  multiply(&w, m, trans_a, a, lda, alpha, beta, c, ldc);
+  multiply(&w, m, trans_a, a, lda, alpha, beta, c, ldc, PARALLEL_MACS);
   atomic_fetch_add(&quantized_products, 1);
   pthread_rwlock_unlock(&registry_lock);
   return 0;
@@ -788,8 +797,8 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
       quantized_product(trans_a, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == 0)
     return;
   if (order == ROW_MAJOR && trans_a == NO_TRANS && (trans_b == TRANS ? k : n) <= ATTENTION_MAX_HEAD) {
-    const Product p = {NULL, m, a, lda, c, ldc, alpha, beta, b, ldb, trans_b == TRANS, n, k, NULL};
-    run_product(&p);
+    const Product p = {NULL, m, a, lda, c, ldc, alpha, beta, b, ldb, trans_b == TRANS, n, k, NULL, NULL, NULL, 0};
+    run_product(&p, PARALLEL_MACS);
     atomic_fetch_add(&attention_products, 1);
     return;
   }
@@ -807,4 +816,230 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     else /* B is n x k: y = B x */
       next_sgemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, x, incx, beta, y, 1);
   }
+}
+
+/* ---- a whole decode step of a llama-shaped model, for mlxserve/engine/cpu_decode.py ----
+ *
+ * A decode step through MLX is about 100 operations per layer (projections, reshapes, the rotation,
+ * the cache's update, attention, the MLP), each a few microseconds of MLX's scheduling whatever its
+ * size: for SmolLM2-135M that was more than half of a step. Here the layers of one step are one call:
+ * the same products as MLX's path (multiply(), from the same copies, so bit-identical), and the norms,
+ * rotation, attention and SwiGLU as plain loops over each row. Every row is computed alone (its own
+ * keys, from its first unpadded slot), so a row's numbers do not depend on the rows beside it. The new
+ * keys and values are written into MLX's cache arrays at `slot`, which the caller has made this step's
+ * own (mlxserve/engine/cpu_decode.py). */
+
+typedef struct {
+  const float *product[7];  /* placeholders of q, k, v, o, gate, up, down (registry keys) */
+  const float *bias[7];     /* each product's bias, or NULL */
+  const float *norm[2];     /* input and post-attention RMSNorm weights */
+} DecodeLayer;
+
+typedef struct {
+  int layers, dim, heads, kv_heads, head_dim, hidden, rope_dims, rope_traditional;
+  float eps, rope_scale, attention_scale;
+  const float *inv_freq; /* rope_dims / 2 */
+  const DecodeLayer *layer;
+} DecodeModel;
+
+enum { Q, K, V, O, GATE, UP, DOWN };
+
+static __thread Scratch step_scratch;
+
+static __attribute__((noinline)) void rms_norm(const float *x, const float *weight, float eps, int dim, float *out) {
+  float sum = 0.f;
+  for (int i = 0; i < dim; i++) sum += x[i] * x[i];
+  const float inverse = 1.f / sqrtf(sum / (float)dim + eps);
+  for (int i = 0; i < dim; i++) out[i] = weight[i] * (x[i] * inverse);
+}
+
+/* A row's rotation angles, the same for every layer: cos and sin of position * scale * inv_freq[i]. */
+static void angles(const DecodeModel *m, int position, float *cos_sin) {
+  const int half = m->rope_dims / 2;
+  for (int i = 0; i < half; i++) {
+    const float theta = ((float)position * m->rope_scale) * m->inv_freq[i];
+    cos_sin[i] = cosf(theta);
+    cos_sin[half + i] = sinf(theta);
+  }
+}
+
+static void rotate(const DecodeModel *m, float *head, const float *cos_sin) {
+  const int half = m->rope_dims / 2;
+  for (int i = 0; i < half; i++) {
+    const float c = cos_sin[i], s = cos_sin[half + i];
+    const int a = m->rope_traditional ? 2 * i : i, b = m->rope_traditional ? 2 * i + 1 : i + half;
+    const float first = head[a], second = head[b];
+    head[a] = first * c - second * s;
+    head[b] = first * s + second * c;
+  }
+}
+
+/* e^x, x clamped to [-87.3, 87.3], as 2^n * 2^f (n = t rounded, f = t - n, t = x log2 e): 2^f by a polynomial
+ * within 8e-8 (cpu_fused.py's, for MLX's path), 2^n from its bits, 0 at n = -126 and below (subnormal
+ * factors make products slow). Plain arithmetic, so that loops of it vectorize: libm's expf was a tenth
+ * of a decode step. */
+static inline float exp_poly(float x) {
+  float t = x * 1.4426950408889634f;
+  t = t < -126.f ? -126.f : t > 126.f ? 126.f : t;
+  const float n = (t + 12582912.f) - 12582912.f, f = t - n; /* 1.5 * 2^23: rounds to the nearest integer */
+  float p = fmaf(0.0013266979925282809f, f, 0.009675469395438596f);
+  p = fmaf(p, f, 0.055507426754066516f);
+  p = fmaf(p, f, 0.24022121576227307f);
+  p = fmaf(p, f, 0.6931469490692175f);
+  p = fmaf(p, f, 1.0000000710651666f);
+  const int32_t bits = n > -126.f ? ((int32_t)n + 127) << 23 : 0;
+  float power;
+  memcpy(&power, &bits, 4);
+  return p * power;
+}
+
+static inline float dot(const float *a, const float *b, int n) { /* eight-lane chains, summed in one order */
+  const int whole = n & ~7;
+  v8 acc = splat8(0.f);
+  for (int i = 0; i < whole; i += 8) acc = fma8(load8(a + i), load8(b + i), acc);
+  float sum = sum8_pairs(acc);
+  for (int i = whole; i < n; i++) sum = fmaf(a[i], b[i], sum);
+  return sum;
+}
+
+/* One row's attention for one head: its keys and values are slots first .. slot of its cache row. Each score
+ * is dot()'s chain whichever block of four keys it falls in, and each output element one chain of
+ * multiply-adds along the keys, in order. */
+static void attend(const DecodeModel *m, const float *q, const float *keys, const float *values, int first, int slot,
+                   float *scores, float *out) {
+  const int d = m->head_dim, whole = d & ~7, n = slot - first + 1;
+  keys += (long)first * d;
+  values += (long)first * d;
+  float top = -INFINITY;
+  int t = 0;
+  for (; t + 4 <= n; t += 4) {
+    v8 acc[4] = {splat8(0.f), splat8(0.f), splat8(0.f), splat8(0.f)};
+    for (int i = 0; i < whole; i += 8) {
+      const v8 qv = in_register(load8(q + i));
+      for (int u = 0; u < 4; u++) acc[u] = fma8(qv, load8(keys + (long)(t + u) * d + i), acc[u]);
+    }
+    for (int u = 0; u < 4; u++) {
+      float sum = sum8_pairs(acc[u]);
+      for (int i = whole; i < d; i++) sum = fmaf(q[i], keys[(long)(t + u) * d + i], sum);
+      scores[t + u] = sum;
+    }
+  }
+  for (; t < n; t++) scores[t] = dot(q, keys + (long)t * d, d);
+  for (t = 0; t < n; t++) top = scores[t] > top ? scores[t] : top;
+  float total = 0.f;
+  for (t = 0; t < n; t++) scores[t] = exp_poly(scores[t] - top);
+  for (t = 0; t < n; t++) total += scores[t];
+  for (t = 0; t < n; t++) scores[t] /= total;
+  for (int c = 0; c < whole; c += 64) { /* eight vectors of the output at a time, in registers */
+    const int vectors = (whole - c) / 8 < 8 ? (whole - c) / 8 : 8;
+    v8 acc[8];
+    for (int u = 0; u < vectors; u++) acc[u] = splat8(0.f);
+    for (t = 0; t < n; t++) {
+      const v8 p = splat8(scores[t]);
+      for (int u = 0; u < vectors; u++) acc[u] = fma8(p, load8(values + (long)t * d + c + 8 * u), acc[u]);
+    }
+    for (int u = 0; u < vectors; u++) store8(out + c + 8 * u, acc[u]);
+  }
+  for (int i = whole; i < d; i++) {
+    float sum = 0.f;
+    for (t = 0; t < n; t++) sum = fmaf(scores[t], values[(long)t * d + i], sum);
+    out[i] = sum;
+  }
+}
+
+/* A step's attention, split across threads by (row, head): each one computed whole by one thread. */
+typedef struct {
+  const DecodeModel *m;
+  const float *q;
+  float *mixed;
+  const float *keys, *values;
+  const int *first;
+  int rows, slot, capacity;
+} Attention;
+
+static __thread Scratch score_scratch;
+
+static void attention_part(const void *context, int part, int parts) {
+  const Attention *a = context;
+  const DecodeModel *m = a->m;
+  const int d = m->head_dim, qn = m->heads * d, units = a->rows * m->heads;
+  float *scores = scratch_for(&score_scratch, sizeof(float) * (a->slot + 1));
+  if (!scores) fail("out of memory for attention scores");
+  for (int unit = (int)((long)units * part / parts); unit < (int)((long)units * (part + 1) / parts); unit++) {
+    const int r = unit / m->heads, head = unit % m->heads, g = head / (m->heads / m->kv_heads);
+    const long row = ((long)r * m->kv_heads + g) * a->capacity * d;
+    attend(m, a->q + (long)r * qn + head * d, a->keys + row, a->values + row, a->first[r], a->slot, scores,
+           a->mixed + (long)r * qn + head * d);
+  }
+}
+
+static int step_product(const DecodeModel *m, int l, int which, int rows, const float *x, int k, float *y, int n) {
+  const int at = index_of(m->layer[l].product[which]);
+  if (at < 0 || registry[at].k != k || registry[at].n != n) return 1;
+  multiply(&registry[at], rows, NO_TRANS, x, k, 1.f, 0.f, y, n, STEP_PARALLEL_MACS);
+  const float *bias = m->layer[l].bias[which];
+  if (bias)
+    for (int r = 0; r < rows; r++)
+      for (int j = 0; j < n; j++) y[(long)r * n + j] += bias[j];
+  atomic_fetch_add(&quantized_products, 1);
+  return 0;
+}
+
+/* h: rows x dim, the hidden states in, the last layer's out. positions: each row's rotary position.
+ * first: each row's first cache slot (its left padding). keys/values: per layer, MLX's cache arrays
+ * (rows, kv_heads, capacity, head_dim). 0 when done, 1 when a weight is not registered as described,
+ * 2 when out of memory. */
+static atomic_long decode_steps;
+
+/* How many decode steps have run here: lets tests and benchmarks see that the native path is in use. */
+long mlxserve_decode_steps(void) { return atomic_load(&decode_steps); }
+
+int mlxserve_decode_step(const DecodeModel *m, int rows, float *h, const int *positions, const int *first, int slot,
+                         int capacity, float *const *keys, float *const *values) {
+  const int dim = m->dim, d = m->head_dim, qn = m->heads * d, kvn = m->kv_heads * d, hidden = m->hidden;
+  const size_t floats = (size_t)rows * (2 * dim + 2 * qn + 2 * kvn + 2 * hidden + m->rope_dims);
+  float *x = scratch_for(&step_scratch, sizeof(float) * floats);
+  if (!x) return 2;
+  float *out = x + (long)rows * dim, *q = out + (long)rows * dim, *mixed = q + (long)rows * qn;
+  float *k = mixed + (long)rows * qn, *v = k + (long)rows * kvn, *gate = v + (long)rows * kvn;
+  float *up = gate + (long)rows * hidden, *cos_sin = up + (long)rows * hidden;
+  for (int r = 0; r < rows; r++) angles(m, positions[r], cos_sin + (long)r * m->rope_dims);
+  int status = 0;
+  pthread_rwlock_rdlock(&registry_lock);
+  for (int l = 0; l < m->layers && status == 0; l++) {
+    const DecodeLayer *layer = &m->layer[l];
+    for (int r = 0; r < rows; r++) rms_norm(h + (long)r * dim, layer->norm[0], m->eps, dim, x + (long)r * dim);
+    status = step_product(m, l, Q, rows, x, dim, q, qn) || step_product(m, l, K, rows, x, dim, k, kvn) ||
+             step_product(m, l, V, rows, x, dim, v, kvn);
+    if (status) break;
+    for (int r = 0; r < rows; r++) {
+      for (int head = 0; head < m->heads; head++) rotate(m, q + (long)r * qn + head * d, cos_sin + (long)r * m->rope_dims);
+      for (int g = 0; g < m->kv_heads; g++) {
+        float *key = k + (long)r * kvn + g * d;
+        rotate(m, key, cos_sin + (long)r * m->rope_dims);
+        const long at = (((long)r * m->kv_heads + g) * capacity + slot) * d;
+        memcpy(keys[l] + at, key, sizeof(float) * d);
+        memcpy(values[l] + at, v + (long)r * kvn + g * d, sizeof(float) * d);
+      }
+      for (int head = 0; head < m->heads; head++)
+        for (int i = 0; i < d; i++) q[(long)r * qn + head * d + i] *= m->attention_scale;
+    }
+    const Attention attention = {m, q, mixed, keys[l], values[l], first, rows, slot, capacity};
+    const Product task = {.task = attention_part, .context = &attention,
+                          .macs = 2L * rows * m->heads * d * (slot + 1)};
+    run_product(&task, STEP_PARALLEL_MACS);
+    status = step_product(m, l, O, rows, mixed, qn, out, dim);
+    if (status) break;
+    for (long i = 0; i < (long)rows * dim; i++) h[i] += out[i];
+    for (int r = 0; r < rows; r++) rms_norm(h + (long)r * dim, layer->norm[1], m->eps, dim, x + (long)r * dim);
+    status = step_product(m, l, GATE, rows, x, dim, gate, hidden) || step_product(m, l, UP, rows, x, dim, up, hidden);
+    if (status) break;
+    for (long i = 0; i < (long)rows * hidden; i++) gate[i] = gate[i] / (1.f + exp_poly(-gate[i])) * up[i];
+    status = step_product(m, l, DOWN, rows, gate, hidden, out, dim);
+    if (status) break;
+    for (long i = 0; i < (long)rows * dim; i++) h[i] += out[i];
+  }
+  pthread_rwlock_unlock(&registry_lock);
+  if (status == 0) atomic_fetch_add(&decode_steps, 1);
+  return status;
 }

@@ -10,6 +10,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from mlxserve.engine import wired
+from mlxserve.engine.cpu_decode import decoding
 from mlxserve.engine.kinds.text import TextModel
 
 PREFILL_STEP = 512
@@ -19,7 +20,7 @@ def new_generator(model: TextModel, max_sequences: int, stream: mx.Stream | None
     """A model's batch generator, on a stream of its own unless given one (every rank of a distributed
     server makes its own the same way, on the stream of its collectives)."""
     generator = BatchGenerator(
-        model.model,
+        decoding(model.model),
         stop_tokens=[[t] for t in sorted(model.stop_token_ids)],
         prefill_step_size=PREFILL_STEP,
         completion_batch_size=max_sequences,
