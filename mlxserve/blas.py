@@ -272,6 +272,21 @@ def decode_step(model: DecodeModel, hidden: np.ndarray, positions: np.ndarray, f
         pointers(*keys), pointers(*values))
 
 
+def draw(logits: np.ndarray, uniform: np.ndarray, scale: float) -> np.ndarray:
+    """One categorical draw per row of `logits` (rows x vocab float32, C-contiguous) at its `uniform`
+    point (float64 in [0, 1)): the first token whose running sum of e^((logit - max) * scale) passes
+    that share of the row's total."""
+    if _shim is None:
+        raise RuntimeError("no gemv shim: cannot draw in C")
+    rows, vocab = logits.shape
+    out = np.empty(rows, dtype=np.uint32)
+    uniform = np.ascontiguousarray(uniform, dtype=np.float64)
+    if _shim.mlxserve_draw(ctypes.c_void_p(logits.ctypes.data), rows, vocab, ctypes.c_float(scale),
+                           ctypes.c_void_p(uniform.ctypes.data), ctypes.c_void_p(out.ctypes.data)) != 0:
+        raise MemoryError("out of memory for a draw's weights")
+    return out
+
+
 def decode_steps() -> int:
     """How many decode steps the shim has run whole (engine/cpu_decode.py) in this process."""
     return 0 if _shim is None else _shim.mlxserve_decode_steps()

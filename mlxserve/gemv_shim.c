@@ -1043,3 +1043,37 @@ int mlxserve_decode_step(const DecodeModel *m, int rows, float *h, const int *po
   if (status == 0) atomic_fetch_add(&decode_steps, 1);
   return status;
 }
+
+/* ---- a categorical draw per row, by inverse transform (mlxserve/engine/cpu_fused.py) ----
+ *
+ * Row r's token is the first whose running sum of e^((logit - max) * scale) passes uniform[r] times the
+ * row's total (scale: 1 / temperature) (strictly below it, so that the token drawn has a weight above 0). The weights come from
+ * exp_poly() (masked tokens, -inf, weigh 0) and the sums run in float64, in order: no token's share
+ * moves by more than about 1e-11 of a row of 49,152. Through MLX this was about ten operations over
+ * the whole row, at several nanoseconds per element each: a fifth of a batch's decode step when
+ * eight seeded requests draw one row at a time. */
+
+static __thread Scratch draw_scratch;
+
+/* Returns 0, or 2 when out of memory. */
+int mlxserve_draw(const float *logits, int rows, int vocab, float scale, const double *uniform, uint32_t *out) {
+  float *weights = scratch_for(&draw_scratch, sizeof(float) * vocab);
+  if (!weights) return 2;
+  for (int r = 0; r < rows; r++) {
+    const float *x = logits + (long)r * vocab;
+    float top = -INFINITY;
+    for (int j = 0; j < vocab; j++) top = x[j] > top ? x[j] : top;
+    for (int j = 0; j < vocab; j++) weights[j] = exp_poly((x[j] - top) * scale); /* the top one at exactly 0 */
+    double total = 0.;
+    for (int j = 0; j < vocab; j++) total += weights[j];
+    const double limit = total * (1. - 0x1p-52), point = uniform[r] * total < limit ? uniform[r] * total : limit;
+    double running = 0.;
+    int j = 0;
+    for (; j < vocab - 1; j++) {
+      running += weights[j];
+      if (running > point) break;
+    }
+    out[r] = (uint32_t)j;
+  }
+  return 0;
+}

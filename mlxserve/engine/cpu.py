@@ -235,6 +235,7 @@ def optimize_for_cpu(model: nn.Module) -> None:
     log.info("CPU: fused %d norm and rotary layers", cpu_fused.fuse(model))
     cpu_fused.install_attention()
     cpu_fused.install_categorical()
+    cpu_fused.install_draw()
     cpu_fused.install_logsumexp()
     cpu_fused.install_swiglu()
 

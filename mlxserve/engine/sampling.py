@@ -154,13 +154,19 @@ def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
+def draw(logprobs: mx.array, temperature: float, key: mx.array) -> mx.array:
+    """A token per row from softmax(logprobs / temperature), drawn with `key` (on the CPU path, C's:
+    `cpu_fused.install_draw`)."""
+    # From the top logprob down (the top at exactly 0), so a tiny temperature still leaves one token finite.
+    top = mx.max(logprobs, axis=-1, keepdims=True)
+    return mx.random.categorical(apply_temperature(logprobs - top, temperature), key=key)
+
+
 def _categorical(key: mx.array, temperature: float) -> Sampler:
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
         key, step_key = mx.random.split(key)
-        # From the top logprob down (the top at exactly 0), so a tiny temperature still leaves one token finite.
-        top = mx.max(logprobs, axis=-1, keepdims=True)
-        return mx.random.categorical(apply_temperature(logprobs - top, temperature), key=step_key)
+        return draw(logprobs, temperature, step_key)
 
     return sample
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
+import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -12,6 +16,7 @@ from mlx.utils import tree_flatten
 
 from mlxserve.engine import cpu_fused
 from mlxserve.engine.cpu_fused import FusedRMSNorm, FusedRoPE, fuse
+from tests.test_blas import SHIM_READY
 
 
 @pytest.fixture(autouse=True)
@@ -174,3 +179,56 @@ def test_installed_categorical_is_what_a_seeded_sampler_draws_with():
     finally:
         mx.random.categorical = cpu_fused._mlx_categorical
     assert abs(_shares(draws, 2)[1] - 0.881) < 0.015  # sigmoid(1 / T)
+
+
+DRAW_SCRIPT = """
+import json, math
+from mlxserve import blas
+blas.preload_openblas()
+import mlx.core as mx
+from mlxserve.engine import cpu_fused, sampling
+cpu_fused.install_draw()
+probabilities = [0.5, 0.3, 0.15, 0.05]
+row = mx.full((1, 1024), -math.inf)
+row[0, 500:504] = mx.log(mx.array(probabilities))
+draws = mx.concatenate([sampling.draw(mx.broadcast_to(row, (5000, 1024)), 1.0, mx.random.key(k)) for k in range(4)])
+shares = [(draws == 500 + t).astype(mx.float32).mean().item() for t in range(4)]
+hot = [(sampling.draw(mx.broadcast_to(row, (20000, 1024)), 2.0, mx.random.key(5)) == 500 + t)
+       .astype(mx.float32).mean().item() for t in range(4)]
+rows = mx.random.normal((8, 2048), key=mx.random.key(1)) * 3
+import numpy as np
+points = np.linspace(0.05, 0.95, 8)
+batch = blas.draw(np.array(rows), points, 1.25)
+alone = [blas.draw(np.array(rows[i:i + 1]), points[i:i + 1], 1.25)[0] for i in range(8)]
+seeded = sampling.make_sampler(0.7, 3)(rows[:1])
+print(json.dumps({
+    "installed": sampling.draw is cpu_fused.draw,
+    "dtype": str(draws.dtype), "in_range": mx.all((draws >= 500) & (draws < 504)).item(), "shares": shares,
+    "hot": hot,
+    "sharp": mx.all(sampling.draw(mx.broadcast_to(row, (200, 1024)), 1e-30, mx.random.key(9)) == 500).item(),
+    "keyed": [sampling.draw(rows[:1], 0.8, mx.random.key(k)).item() for k in range(20)],
+    "keyed_again": [sampling.draw(rows[:1], 0.8, mx.random.key(k)).item() for k in range(20)],
+    "seeded_is_draw": seeded.item() == cpu_fused.draw(rows[:1], 0.7, mx.random.split(mx.random.key(3))[1]).item(),
+    "rows_alone": [int(t) for t in batch] == [int(t) for t in alone],
+    "narrow": sampling.draw(mx.array([[0.0, -50.0, -50.0]]), 1.0, mx.random.key(2)).item(),
+}))
+"""
+
+
+@SHIM_READY
+def test_the_c_draw_takes_each_token_at_its_probability_at_the_rows_temperature(tmp_path):
+    """On the CPU path a sampler's draw runs in C (`mlxserve_draw`): each token at its probability at the
+    temperature (never a masked one), the top token alone at a tiny temperature, the same token for the same
+    key, a row's token whatever rows are drawn with it, and what a seeded sampler returns; rows too narrow
+    for it go MLX's way."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    results = json.loads(subprocess.run([sys.executable, "-c", DRAW_SCRIPT], capture_output=True, text=True,
+                                        env=env, check=True).stdout)
+    assert results["installed"] and results["dtype"] == "mlx.core.uint32" and results["in_range"]
+    assert all(abs(got - want) < 0.015 for got, want in zip(results["shares"], [0.5, 0.3, 0.15, 0.05])), results
+    # at temperature 2, shares go as the square roots of the probabilities
+    roots = [math.sqrt(p) for p in (0.5, 0.3, 0.15, 0.05)]
+    assert all(abs(got - r / sum(roots)) < 0.015 for got, r in zip(results["hot"], roots)), results
+    assert results["sharp"] and results["seeded_is_draw"] and results["rows_alone"]
+    assert results["keyed"] == results["keyed_again"] and len(set(results["keyed"])) > 10
+    assert results["narrow"] == 0
