@@ -348,6 +348,21 @@ static inline v8 in_register(v8 v) {
 }
 
 
+#if defined(__AVX2__)
+/* sums + the pairwise products of a's and b's 16-bit integers, summed in pairs into 32-bit lanes: one
+ * VNNI instruction where the CPU has it (Intel since Ice Lake and Alder Lake, AMD since Zen 4), else
+ * AVX2's madd and an add. Exact integers either way: the same sums. */
+static inline __m256i dot_pairs(__m256i sums, __m256i a, __m256i b) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(sums, a, b);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(sums, a, b);
+#else
+  return _mm256_add_epi32(sums, _mm256_madd_epi16(a, b));
+#endif
+}
+#endif
+
 /* The input's rows, quantized (above). */
 typedef struct Quantized {
   int16_t *q;  /* m rows of k */
@@ -452,8 +467,13 @@ static inline __attribute__((always_inline)) void panel_rows(const Product *p, i
       const uint8_t *v = at + 32 * bits * e;
       v8 dots[PANEL_ROWS];
 #if defined(__AVX2__)
-      __m256i sums[PANEL_ROWS]; /* exact: at most 32 * 128 * 32767 */
-      for (int a = 0; a < rows; a++) sums[a] = _mm256_setzero_si256();
+      /* Exact: at most 32 * 128 * 32767. A row's sums in up to four chains (fewer rows, more chains), so
+       * that a multiply-add's latency does not hold one row back; integers, so the order is the same. */
+      enum { CHAINS = 4 };
+      const int chains = rows == 1 ? 4 : rows == 2 ? 2 : 1;
+      __m256i sums[PANEL_ROWS][CHAINS];
+      for (int a = 0; a < rows; a++)
+        for (int h = 0; h < chains; h++) sums[a][h] = _mm256_setzero_si256();
       for (int t = 0; t < 4; t++) { /* elements 8t .. 8t + 7 */
         __m256i pairs[4]; /* elements 8t + 2j and 8t + 2j + 1 of every row */
         if (bits == 4) {
@@ -471,11 +491,14 @@ static inline __attribute__((always_inline)) void panel_rows(const Product *p, i
           for (int j = 0; j < 4; j++) {
             int two;
             memcpy(&two, xq + 2 * j, 4);
-            sums[a] = _mm256_add_epi32(sums[a], _mm256_madd_epi16(pairs[j], _mm256_set1_epi32(two)));
+            sums[a][j % chains] = dot_pairs(sums[a][j % chains], pairs[j], _mm256_set1_epi32(two));
           }
         }
       }
-      for (int a = 0; a < rows; a++) dots[a] = (v8)_mm256_cvtepi32_ps(sums[a]);
+      for (int a = 0; a < rows; a++) {
+        for (int h = 1; h < chains; h++) sums[a][0] = _mm256_add_epi32(sums[a][0], sums[a][h]);
+        dots[a] = (v8)_mm256_cvtepi32_ps(sums[a][0]);
+      }
 #else
       for (int a = 0; a < rows; a++) {
         const int16_t *xq = x->q + (long)(i + a) * k + 32 * c;
