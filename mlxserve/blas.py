@@ -170,7 +170,7 @@ def preload_openblas() -> str | None:
     return None
 
 
-def _address(array: Any) -> int:
+def address(array: Any) -> int:
     """Where a C-contiguous buffer's data starts (numpy reads MLX arrays in place)."""
     view = np.asarray(array)
     if not view.flags.c_contiguous:
@@ -211,14 +211,14 @@ def register_quantized(dense: Any, q: np.ndarray, scales: np.ndarray, biases: np
         return False
     n, k = np.asarray(dense).shape
     status = _shim.mlxserve_register_quantized(
-        ctypes.c_void_p(_address(dense)), n, k, group_size, bits, ctypes.c_void_p(_address(q)),
-        ctypes.c_void_p(_address(scales)), ctypes.c_void_p(_address(biases)))
+        ctypes.c_void_p(address(dense)), n, k, group_size, bits, ctypes.c_void_p(address(q)),
+        ctypes.c_void_p(address(scales)), ctypes.c_void_p(address(biases)))
     return status == 0
 
 
 def unregister_quantized(dense: Any) -> None:
     if _shim is not None:
-        _shim.mlxserve_unregister_quantized(ctypes.c_void_p(_address(dense)))
+        _shim.mlxserve_unregister_quantized(ctypes.c_void_p(address(dense)))
 
 
 def quantized_products() -> int:

@@ -39,7 +39,7 @@ _PRODUCTS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_
 
 @dataclass
 class _Owned:
-    """The cache arrays a layer's cache held after our last step, and where: ours to write while unchanged."""
+    """The arrays a layer's cache held after our last step, and its next slot: ours to write while unchanged."""
 
     keys: mx.array
     values: mx.array
@@ -48,6 +48,8 @@ class _Owned:
 
 @dataclass
 class NativeDecoder:
+    """A model's description for `mlxserve_decode_step`, and what keeps the memory it points into alive."""
+
     spec: blas.DecodeModel
     arrays: list[mx.array] = field(default_factory=list)  # what `spec` points into: kept alive here
     layers: Any = None  # the ctypes array of DecodeLayer `spec` points into
@@ -82,22 +84,22 @@ def native_decoder(model: nn.Module) -> NativeDecoder | None:
     for i, layer in enumerate(inner.layers):
         for j, (part, name) in enumerate(_PRODUCTS):
             linear = getattr(getattr(layer, part), name)
-            layers[i].product[j] = blas._address(linear._placeholder)
+            layers[i].product[j] = blas.address(linear._placeholder)
             if "bias" in linear:
                 decoder.arrays.append(linear.bias)
-                layers[i].bias[j] = blas._address(linear.bias)
+                layers[i].bias[j] = blas.address(linear.bias)
         for j, norm in enumerate((layer.input_layernorm, layer.post_attention_layernorm)):
             decoder.arrays.append(norm.weight)
-            layers[i].norm[j] = blas._address(norm.weight)
+            layers[i].norm[j] = blas.address(norm.weight)
     decoder.arrays.append(rope._inv_freq)
     spec = decoder.spec
     spec.layers, spec.dim = len(inner.layers), first.input_layernorm.weight.shape[0]
-    spec.heads, spec.kv_heads, spec.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim \
-        if hasattr(attention, "head_dim") else spec.dim // attention.n_heads
+    spec.heads, spec.kv_heads = attention.n_heads, attention.n_kv_heads
+    spec.head_dim = getattr(attention, "head_dim", spec.dim // attention.n_heads)
     spec.hidden = first.mlp.gate_proj._placeholder.shape[0]
     spec.rope_dims, spec.rope_traditional = rope.dims, int(rope.traditional)
     spec.eps, spec.rope_scale, spec.attention_scale = first.input_layernorm.eps, rope.scale, attention.scale
-    spec.inv_freq = blas._address(rope._inv_freq)
+    spec.inv_freq = blas.address(rope._inv_freq)
     spec.layer = layers
     decoder.layers = layers
     return decoder
@@ -146,8 +148,8 @@ class DecodingModel:
         state = np.array(hidden, dtype=np.float32)
         positions = np.array(head.offset, dtype=np.int32)
         first = np.array(head.left_padding, dtype=np.int32)
-        keys = [blas._address(c.keys) for c in cache]
-        values = [blas._address(c.values) for c in cache]
+        keys = [blas.address(c.keys) for c in cache]
+        values = [blas.address(c.values) for c in cache]
         status = blas.decode_step(self._decoder.spec, state, positions, first, slot, capacity, keys, values)
         if status:
             raise RuntimeError(f"the native decode step failed (status {status})")
