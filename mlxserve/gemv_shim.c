@@ -843,7 +843,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
 
 /* ---- a whole decode step of a llama-shaped model, for mlxserve/engine/cpu_decode.py ----
  *
- * A decode step through MLX is about 100 operations per layer (projections, reshapes, the rotation,
+ * A decode step through MLX is about 90 operations per layer (projections, reshapes, the rotation,
  * the cache's update, attention, the MLP), each a few microseconds of MLX's scheduling whatever its
  * size: for SmolLM2-135M that was more than half of a step. Here the layers of one step are one call:
  * the same products as MLX's path (multiply(), from the same copies, so bit-identical), and the norms,
@@ -869,7 +869,7 @@ enum { Q, K, V, O, GATE, UP, DOWN };
 
 static __thread Scratch step_scratch;
 
-static __attribute__((noinline)) void rms_norm(const float *x, const float *weight, float eps, int dim, float *out) {
+static void rms_norm(const float *x, const float *weight, float eps, int dim, float *out) {
   float sum = 0.f;
   for (int i = 0; i < dim; i++) sum += x[i] * x[i];
   const float inverse = 1.f / sqrtf(sum / (float)dim + eps);
