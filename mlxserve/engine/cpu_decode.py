@@ -106,18 +106,23 @@ def native_decoder(model: nn.Module) -> NativeDecoder | None:
 
 
 def _own(cache: BatchKVCache) -> None:
-    """Make `cache` ready for an in-place write at its next slot: room for it, and buffers only it holds."""
+    """Make `cache` ready for an in-place write at its next slot: room for it, and buffers only it holds.
+
+    A new buffer is made one layer at a time (evaluated here), so that a batch's copy holds one layer's
+    old and new arrays at once, not the whole cache's twice."""
     owned: _Owned | None = getattr(cache, "_native", None)
-    if cache._idx + 1 > cache.keys.shape[2]:  # grow as mlx-lm does, by whole steps
+    if cache._idx + 1 > cache.keys.shape[2]:  # grow as mlx-lm does, by whole steps: new buffers, only ours
         room = [(*a.shape[:2], cache.step, a.shape[3]) for a in (cache.keys, cache.values)]
         cache.keys = mx.concatenate([cache.keys[..., : cache._idx, :], mx.zeros(room[0], cache.keys.dtype)], axis=2)
         cache.values = mx.concatenate([cache.values[..., : cache._idx, :], mx.zeros(room[1], cache.values.dtype)],
                                       axis=2)
-        owned = None
-    if owned is None or owned.keys is not cache.keys or owned.values is not cache.values \
-            or owned.next_slot != cache._idx:
+    elif owned is None or owned.keys is not cache.keys or owned.values is not cache.values \
+            or owned.next_slot != cache._idx:  # changed by something else: it may share its buffers
         cache.keys, cache.values = cache.keys + 0.0, cache.values + 0.0  # fresh buffers (or donated ones)
-        cache._native = None
+    else:
+        return
+    cache._native = None
+    mx.eval(cache.keys, cache.values)
 
 
 class DecodingModel:
