@@ -916,58 +916,23 @@ static inline float exp_poly(float x) {
   return p * power;
 }
 
-static inline float dot(const float *a, const float *b, int n) { /* eight-lane chains, summed in one order */
-  const int whole = n & ~7;
-  v8 acc = splat8(0.f);
-  for (int i = 0; i < whole; i += 8) acc = fma8(load8(a + i), load8(b + i), acc);
-  float sum = sum8_pairs(acc);
-  for (int i = whole; i < n; i++) sum = fmaf(a[i], b[i], sum);
-  return sum;
-}
-
-/* One row's attention for one head: its keys and values are slots first .. slot of its cache row. Each score
- * is dot()'s chain whichever block of four keys it falls in, and each output element one chain of
- * multiply-adds along the keys, in order. */
+/* One row's attention for one head: its keys and values are slots first .. slot of its cache row. The
+ * products are attention_rows()'s, as MLX's path computes them through the shim (each score one chain
+ * along the head's dimensions, each output one chain along the keys, in order). */
 static void attend(const DecodeModel *m, const float *q, const float *keys, const float *values, int first, int slot,
                    float *scores, float *out) {
-  const int d = m->head_dim, whole = d & ~7, n = slot - first + 1;
-  keys += (long)first * d;
-  values += (long)first * d;
-  float top = -INFINITY;
-  int t = 0;
-  for (; t + 4 <= n; t += 4) {
-    v8 acc[4] = {splat8(0.f), splat8(0.f), splat8(0.f), splat8(0.f)};
-    for (int i = 0; i < whole; i += 8) {
-      const v8 qv = in_register(load8(q + i));
-      for (int u = 0; u < 4; u++) acc[u] = fma8(qv, load8(keys + (long)(t + u) * d + i), acc[u]);
-    }
-    for (int u = 0; u < 4; u++) {
-      float sum = sum8_pairs(acc[u]);
-      for (int i = whole; i < d; i++) sum = fmaf(q[i], keys[(long)(t + u) * d + i], sum);
-      scores[t + u] = sum;
-    }
-  }
-  for (; t < n; t++) scores[t] = dot(q, keys + (long)t * d, d);
-  for (t = 0; t < n; t++) top = scores[t] > top ? scores[t] : top;
-  float total = 0.f;
-  for (t = 0; t < n; t++) scores[t] = exp_poly(scores[t] - top);
-  for (t = 0; t < n; t++) total += scores[t];
-  for (t = 0; t < n; t++) scores[t] /= total;
-  for (int c = 0; c < whole; c += 64) { /* eight vectors of the output at a time, in registers */
-    const int vectors = (whole - c) / 8 < 8 ? (whole - c) / 8 : 8;
-    v8 acc[8];
-    for (int u = 0; u < vectors; u++) acc[u] = splat8(0.f);
-    for (t = 0; t < n; t++) {
-      const v8 p = splat8(scores[t]);
-      for (int u = 0; u < vectors; u++) acc[u] = fma8(p, load8(values + (long)t * d + c + 8 * u), acc[u]);
-    }
-    for (int u = 0; u < vectors; u++) store8(out + c + 8 * u, acc[u]);
-  }
-  for (int i = whole; i < d; i++) {
-    float sum = 0.f;
-    for (t = 0; t < n; t++) sum = fmaf(scores[t], values[(long)t * d + i], sum);
-    out[i] = sum;
-  }
+  const int d = m->head_dim, n = slot - first + 1;
+  const Product by_keys = {.m = 1, .x = q, .ldx = d, .y = scores, .ldy = n, .alpha = 1.f, .b = keys + (long)first * d,
+                           .ldb = d, .trans_b = 1, .n = n, .k = d};
+  attention_rows(&by_keys, 0, 1);
+  float top = -INFINITY, total = 0.f;
+  for (int t = 0; t < n; t++) top = scores[t] > top ? scores[t] : top;
+  for (int t = 0; t < n; t++) scores[t] = exp_poly(scores[t] - top);
+  for (int t = 0; t < n; t++) total += scores[t];
+  for (int t = 0; t < n; t++) scores[t] /= total;
+  const Product by_values = {.m = 1, .x = scores, .ldx = n, .y = out, .ldy = d, .alpha = 1.f,
+                             .b = values + (long)first * d, .ldb = d, .n = d, .k = n};
+  attention_rows(&by_values, 0, 1);
 }
 
 /* A step's attention, split across threads by (row, head): each one computed whole by one thread. */

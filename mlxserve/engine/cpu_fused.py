@@ -177,6 +177,12 @@ _mlx_draw = sampling.draw
 _UNIFORM_BITS = 26  # per half of a 52-bit uniform: MLX's randint draws int32s, and float64 holds 52 bits
 
 
+def _uniform(rows: int, key: mx.array | None) -> mx.array:
+    """A float64 point on [0, 1) per row, 52 random bits each, from `key`: (rows, 1)."""
+    halves = mx.random.randint(0, 1 << _UNIFORM_BITS, (rows, 2), key=key).astype(mx.float64)
+    return (halves[:, :1] * 2.0**_UNIFORM_BITS + halves[:, 1:]) * 2.0 ** (-2 * _UNIFORM_BITS)
+
+
 def categorical(logits: mx.array, axis: int = -1, shape: list[int] | None = None, num_samples: int | None = None,
                 key: mx.array | None = None, stream: mx.Stream | mx.Device | None = None) -> mx.array:
     """`mx.random.categorical` by inverse transform for float32 rows of FAST_EXP_ELEMENTS or more (vocabularies):
@@ -195,9 +201,7 @@ def categorical(logits: mx.array, axis: int = -1, shape: list[int] | None = None
     p, bits = _exp_parts(logits)
     cumulative = mx.cumsum((p * mx.view(bits, mx.float32)).astype(mx.float64), axis=-1)
     total = cumulative[:, -1:]
-    halves = mx.random.randint(0, 1 << _UNIFORM_BITS, (logits.shape[0], 2), key=key).astype(mx.float64)
-    uniform = (halves[:, :1] * 2.0**_UNIFORM_BITS + halves[:, 1:]) * 2.0 ** (-2 * _UNIFORM_BITS)  # on [0, 1)
-    point = mx.minimum(uniform * total, total * (1 - 2.0**-52))  # strictly below the total, however it rounds
+    point = mx.minimum(_uniform(logits.shape[0], key) * total, total * (1 - 2.0**-52))  # strictly below the total, however it rounds
     return mx.argmax(cumulative > point, axis=-1).astype(mx.uint32)  # the first past it has a weight above 0
 
 
@@ -214,11 +218,9 @@ def draw(logprobs: mx.array, temperature: float, key: mx.array) -> mx.array:
     """
     if logprobs.dtype != mx.float32 or logprobs.ndim != 2 or logprobs.shape[-1] < FAST_EXP_ELEMENTS:
         return _mlx_draw(logprobs, temperature, key)
-    halves = mx.random.randint(0, 1 << _UNIFORM_BITS, (logprobs.shape[0], 2), key=key)
-    mx.eval(logprobs, halves)
-    bits = np.array(halves).astype(np.float64)
-    uniform = (bits[:, 0] * 2.0**_UNIFORM_BITS + bits[:, 1]) * 2.0 ** (-2 * _UNIFORM_BITS)  # on [0, 1)
-    return mx.array(blas.draw(np.ascontiguousarray(np.asarray(logprobs)), uniform, 1.0 / temperature))
+    uniform = _uniform(logprobs.shape[0], key)
+    mx.eval(logprobs, uniform)
+    return mx.array(blas.draw(np.ascontiguousarray(np.asarray(logprobs)), np.array(uniform)[:, 0], 1.0 / temperature))
 
 
 def install_draw() -> None:
