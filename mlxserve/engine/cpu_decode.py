@@ -39,10 +39,12 @@ _PRODUCTS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_
 
 @dataclass
 class _Owned:
-    """The arrays a layer's cache held after our last step, and its next slot: ours to write while unchanged."""
+    """The arrays a layer's cache held after our last step, where their data lie, and its next slot: ours to
+    write while unchanged."""
 
     keys: mx.array
     values: mx.array
+    addresses: tuple[int, int]
     next_slot: int
 
 
@@ -105,8 +107,9 @@ def native_decoder(model: nn.Module) -> NativeDecoder | None:
     return decoder
 
 
-def _own(cache: BatchKVCache) -> None:
-    """Make `cache` ready for an in-place write at its next slot: room for it, and buffers only it holds.
+def _own(cache: BatchKVCache) -> tuple[int, int]:
+    """Make `cache` ready for an in-place write at its next slot: room for it, and buffers only it holds;
+    where its keys' and values' data lie.
 
     A new buffer is made one layer at a time (evaluated here), so that a batch's copy holds one layer's
     old and new arrays at once, not the whole cache's twice."""
@@ -120,9 +123,10 @@ def _own(cache: BatchKVCache) -> None:
             or owned.next_slot != cache._idx:  # changed by something else: it may share its buffers
         cache.keys, cache.values = cache.keys + 0.0, cache.values + 0.0  # fresh buffers (or donated ones)
     else:
-        return
+        return owned.addresses
     cache._native = None
     mx.eval(cache.keys, cache.values)
+    return blas.address(cache.keys), blas.address(cache.values)
 
 
 class DecodingModel:
@@ -143,25 +147,22 @@ class DecodingModel:
     def _step(self, inputs: mx.array, cache: list[BatchKVCache]) -> mx.array:
         model = self._model
         hidden = model.model.embed_tokens(inputs)[:, 0, :].astype(mx.float32)
-        for c in cache:
-            _own(c)
+        keys, values = (list(a) for a in zip(*(_own(c) for c in cache)))
         head = cache[0]
-        mx.eval(hidden, head.offset, head.left_padding, *(a for c in cache for a in (c.keys, c.values)))
+        mx.eval(hidden, head.offset, head.left_padding)
         rows, slot, capacity = hidden.shape[0], head._idx, head.keys.shape[2]
         if any(c._idx != slot or c.keys.shape[2] != capacity for c in cache):
             raise RuntimeError("a batch's layer caches disagree on their slot; cannot decode natively")
         state = np.array(hidden, dtype=np.float32)
         positions = np.array(head.offset, dtype=np.int32)
         first = np.array(head.left_padding, dtype=np.int32)
-        keys = [blas.address(c.keys) for c in cache]
-        values = [blas.address(c.values) for c in cache]
         status = blas.decode_step(self._decoder.spec, state, positions, first, slot, capacity, keys, values)
         if status:
             raise RuntimeError(f"the native decode step failed (status {status})")
-        for c in cache:
+        for c, k, v in zip(cache, keys, values):
             c.offset = mx.array(positions + 1)
             c._idx = slot + 1
-            c._native = _Owned(c.keys, c.values, slot + 1)
+            c._native = _Owned(c.keys, c.values, (k, v), slot + 1)
         out = model.model.norm(mx.array(state)[:, None, :])
         if model.args.tie_word_embeddings:
             return model.model.embed_tokens.as_linear(out)
